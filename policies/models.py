@@ -1,0 +1,137 @@
+"""Load a causal LM from a `ModelConfig`: dtype, optional bitsandbytes 4-bit/8-bit, optional LoRA.
+
+The same function serves every role (policy, reference, critic backbone, reward backbone):
+roles differ in which adapters they carry, not in how the base is loaded (DESIGN.md,
+"Single-GPU layout").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policies.hub import resolve_model_path
+from policies.tokenizers import load_tokenizer
+from rlhf.config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel, or a peft PeftModel around one
+    tokenizer: Any
+    path: Path  # the local directory the base weights came from
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return _DTYPES[name]
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype) -> Any | None:
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        # NF4 + double quantization: the QLoRA recipe (Dettmers et al. 2023, section 3).
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(cfg: ModelConfig, *, tokenizer: Any | None = None) -> LoadedModel:
+    """Load tokenizer and model as `cfg` says. The model comes back in eval mode: dropout off,
+    which RLHF needs so that log-probs recomputed during the update match the rollout's."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.name, cfg.revision)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    quant = quantization_config(cfg.quantization, dtype)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": str(device) if device.type != "cuda" else (device.index or 0)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if "safetensors" in str(err).lower() or not any(Path(path).glob("*.safetensors")):
+            raise OSError(
+                f"{path}: no safetensors weights found; pluggable-rlhf loads weights from safetensors "
+                f"only (pickle checkpoints can run code). Convert with `model.save_pretrained(dir)`."
+            ) from err
+        raise
+    if quant is None:
+        model.to(device)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, quantized=quant is not None)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, path=Path(path), device=device)
+
+
+def apply_lora(model: Any, cfg: LoraConfig, *, quantized: bool = False, adapter_name: str = "default") -> Any:
+    """Wrap `model` in a trainable peft LoRA adapter: new, or loaded from `cfg.path`."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        # Freezes the quantized base and upcasts the few non-quantized params (norms) to fp32
+        # for stable training; checkpointing stays a separate, explicit choice.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.path is not None:
+        adapter_dir = Path(cfg.path)
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{adapter_dir}: no adapter_model.safetensors (adapters load from safetensors only)"
+            )
+        return PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=True)
+    targets: str | list[str] = cfg.target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

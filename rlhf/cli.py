@@ -1,0 +1,150 @@
+"""The `rlhf` command. It parses arguments and a recipe, then calls a job; nothing else.
+
+Recipe-driven commands share one shape: `rlhf COMMAND RECIPE [key.sub=value ...]`, and
+`rlhf COMMAND --help` lists every recipe key with its doc. Jobs are imported lazily so that
+`rlhf --help` and `rlhf data check` start without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class RecipeCommand:
+    help: str
+    target: str  # "module:ConfigClass:run_function"
+
+    def resolve(self) -> tuple[type, Callable]:
+        module, cls, fn = self.target.split(":")
+        mod = importlib.import_module(module)
+        return getattr(mod, cls), getattr(mod, fn)
+
+
+RECIPE_COMMANDS: dict[str, RecipeCommand] = {
+    "quickstart": RecipeCommand(
+        "load the default model, answer held-out HH prompts, score HH pairs by likelihood",
+        "rlhf.quickstart:QuickstartConfig:run",
+    ),
+}
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: printed as one clear line, without a traceback."""
+    from policies.hub import ModelNotFoundError
+    from rlhf.config import ConfigError
+    from rlhf.data import DataError
+
+    return (ConfigError, DataError, ModelNotFoundError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf",
+        description="pluggable-rlhf: PPO/RLHF training with pluggable reward providers.",
+        epilog="Run `rlhf COMMAND --help` for a command's options and recipe keys.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, cmd in RECIPE_COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, add_help=False)
+        p.add_argument("recipe", nargs="?", help="YAML recipe (defaults apply to keys it leaves out)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key")
+        p.add_argument("-h", "--help", action="store_true", help="show this help and the recipe keys")
+        p.set_defaults(handler=_run_recipe, recipe_command=name, subparser=p)
+
+    p = sub.add_parser("models", help="list known model aliases; convert the embedded default")
+    p.add_argument("--convert", metavar="ALIAS", help="convert an embedded model into the cache now")
+    p.set_defaults(handler=_models)
+
+    data = sub.add_parser("data", help="data file tools")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = dsub.add_parser("check", help="validate a data file and print counts")
+    p.add_argument("file", help="JSONL, JSON, .gz, or a `datasets` directory")
+    p.add_argument("--kind", choices=["auto", "pairs", "prompts"], default="auto",
+                   help="what the file holds (auto: pairs if the first row has 'chosen')")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows and report them")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="fraction of prompts in the test split")
+    p.set_defaults(handler=_data_check)
+    return parser
+
+
+def _run_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rlhf.config import help_text, load_config
+
+    cfg_cls, run = RECIPE_COMMANDS[args.recipe_command].resolve()
+    if args.help:
+        args.subparser.print_help()
+        print()
+        print(help_text(cfg_cls))
+        return 0
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:  # no recipe, only overrides
+        recipe, overrides = None, [recipe, *overrides]
+    cfg = load_config(cfg_cls, recipe, overrides)
+    run(cfg)
+    return 0
+
+
+def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from policies.hub import KNOWN_MODELS, cache_dir, embedded_model_dir, ensure_converted, is_converted
+
+    if args.convert:
+        if args.convert not in KNOWN_MODELS:
+            raise SystemExit(f"error: unknown alias '{args.convert}'; known: {', '.join(KNOWN_MODELS)}")
+        print(f"{args.convert}: {ensure_converted(args.convert)}")
+        return 0
+    print(f"model cache: {cache_dir()} (set RLHF_CACHE_DIR to move it)")
+    for alias, m in KNOWN_MODELS.items():
+        state = f"converted at {embedded_model_dir(alias)}" if is_converted(alias) else "not converted yet (first use converts it, ~30 s)"
+        print(f"  {alias}: {m.description}; {state}")
+    print("Any local model directory or hub id also works as model.name.")
+    return 0
+
+
+def _data_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rlhf import data
+
+    kind = args.kind
+    if kind == "auto":
+        first = next(iter(data.iter_rows(args.file)), (None, {}))[1]
+        kind = "pairs" if isinstance(first, dict) and "chosen" in first else "prompts"
+    if kind == "pairs":
+        loaded = data.load_pairs(args.file, skip_invalid=args.skip_invalid)
+        summary = data.summarize_pairs(loaded, test_fraction=args.test_fraction)
+        print(f"{args.file}: {summary['pairs']:,} preference pairs")
+        print(f"  distinct prompts: {summary['distinct_prompts']:,}")
+        if summary.get("subsets"):
+            print("  subsets: " + ", ".join(f"{k} {v:,}" for k, v in summary["subsets"].items()))
+        print(f"  chosen identical to rejected: {summary['identical_chosen_rejected']:,}")
+        print(f"  with an empty chosen or rejected reply: {summary['empty_completions']:,}")
+        n_train, n_test = summary["train"], summary["test"]
+    else:
+        loaded = data.load_prompts(args.file, skip_invalid=args.skip_invalid)
+        train, test = data.split_by_prompt(loaded.items, args.test_fraction)
+        n_train, n_test = len(train), len(test)
+        print(f"{args.file}: {len(loaded.items):,} prompts")
+    print(f"  split by prompt hash (test fraction {args.test_fraction}): train {n_train:,}, test {n_test:,}")
+    print(f"  skipped invalid rows: {len(loaded.skipped):,}")
+    for msg in loaded.skipped[:10]:
+        print(f"    {msg}")
+    if len(loaded.skipped) > 10:
+        print(f"    ... and {len(loaded.skipped) - 10} more")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args, parser)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

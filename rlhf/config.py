@@ -1,0 +1,310 @@
+"""Frozen dataclass configs loaded from YAML recipes, with `key.sub=value` overrides.
+
+A recipe is a YAML mapping whose keys mirror a config dataclass. Every field carries a
+one-line doc (`doc(default, "...")`) that `rlhf <command> --help` prints. Loading is strict:
+an unknown key is an error that names the recipe file and line and suggests the nearest valid
+key; a value of the wrong type is an error naming the file, line and field. Values are checked
+once here, so the rest of the code can trust a config object and never re-validate strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line override that does not fit its config dataclass."""
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line doc shown by `--help`."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use doc_factory for mutable defaults")
+    if dataclasses.is_dataclass(default):
+        # Frozen dataclass instances are immutable but shared; a factory keeps each config
+        # its own copy and keeps dataclasses from rejecting the default.
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def doc_factory(factory: Any, help: str) -> Any:
+    return field(default_factory=factory, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------
+# Shared config blocks. Commands compose these into their own top-level config.
+# --------------------------------------------------------------------------------------
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+Quantization = Literal["none", "4bit", "8bit"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = doc(False, "wrap the model in a peft LoRA adapter")
+    r: int = doc(16, "LoRA rank")
+    alpha: int = doc(32, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = doc(0.0, "LoRA dropout (0 keeps PPO's log-probs deterministic)")
+    target_modules: str = doc("all-linear", "modules to adapt: 'all-linear' or a comma-separated list of names")
+    path: str | None = doc(None, "load an existing adapter from this directory instead of creating a new one")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0 or self.alpha <= 0:
+            raise ConfigError(f"lora.r and lora.alpha must be positive, got r={self.r}, alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = doc("smollm2-135m-instruct", "known alias (see `rlhf models`), local directory, or hub id")
+    dtype: Dtype = doc("float32", "weight/compute dtype; 'auto' picks bfloat16 on a GPU that supports it, else float32")
+    quantization: Quantization = doc("none", "load the base weights in 4-bit NF4 or 8-bit through bitsandbytes")
+    lora: LoraConfig = doc(LoraConfig(), "LoRA adapter settings")
+    device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    trust_remote_code: bool = doc(False, "allow custom modelling code from the model directory (off for safety)")
+    revision: str | None = doc(None, "hub revision (branch, tag or commit) when `name` is a hub id")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = doc("../shared/data/hh-rlhf/harmless-base/test.jsonl.gz", "data file (JSONL, JSON, .gz) or `datasets` directory")
+    split: Literal["all", "train", "test"] = doc("train", "which side of the deterministic prompt-hash split to use")
+    test_fraction: float = doc(0.1, "fraction of prompts that go to the test side of the split")
+    max_items: int | None = doc(None, "use at most this many rows (after the split), in file order")
+    skip_invalid: bool = doc(False, "skip malformed rows (their count and reasons are reported) instead of failing")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.test_fraction <= 1.0:
+            raise ConfigError(f"data.test_fraction must be in [0, 1], got {self.test_fraction}")
+        if self.max_items is not None and self.max_items <= 0:
+            raise ConfigError(f"data.max_items must be positive, got {self.max_items}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = doc(64, "most tokens to generate per completion")
+    temperature: float = doc(0.7, "sampling temperature (0 = greedy); log-probs are always recomputed at this temperature")
+    top_k: int = doc(0, "top-k filter; 0 disables it so samples come from the full policy distribution")
+    top_p: float = doc(1.0, "nucleus filter; 1.0 disables it")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"sampling.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError(
+                f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                f"got {self.temperature}, {self.top_p}, {self.top_k}"
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build `cls` from a YAML recipe (optional) and `key.sub=value` overrides, strictly."""
+    data: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    source = "<defaults>"
+    if recipe is not None:
+        source = str(recipe)
+        try:
+            text = Path(recipe).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"recipe not found: {recipe}") from None
+        data, lines = _parse_yaml(text, source)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        path = tuple(key.strip().split("."))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # a plain string that YAML can't parse, e.g. 'a: b'
+        _set_path(data, path, value)
+        lines[path] = 0  # 0 marks "from the command line"
+    return _build(cls, data, (), lines, source)
+
+
+def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """YAML → plain dict plus the 1-based line of every key, for error messages."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from None
+    if node is None:
+        return {}, {}
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{source}:{node.start_mark.line + 1}: a recipe must be a mapping of keys to values")
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(n: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = (*prefix, str(k.value))
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    walk(node, ())
+    data = yaml.safe_load(text)
+    return data, lines
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    cur = data
+    for part in path[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def _where(source: str, lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> str:
+    line = lines.get(path)
+    if line == 0:
+        return f"command line override {'.'.join(path)}"
+    return f"{source}:{line}" if line else source
+
+
+def _build(cls: type[T], data: Any, prefix: tuple[str, ...], lines: dict, source: str) -> T:
+    name = ".".join(prefix) or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where(source, lines, prefix)}: field '{name}': expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if key not in fields:
+            valid = [".".join((*prefix, k)) for k in fields]
+            close = difflib.get_close_matches(".".join(path), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{_where(source, lines, path)}: unknown key '{'.'.join(path)}'{hint}")
+        kwargs[key] = _convert(hints[key], value, path, lines, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{_where(source, lines, prefix) if prefix else source}: {err}") from None
+
+
+def _convert(tp: Any, value: Any, path: tuple[str, ...], lines: dict, source: str) -> Any:
+    """Check `value` against annotation `tp`; return it (nested dataclasses built)."""
+    key = ".".join(path)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{_where(source, lines, path)}: field '{key}': expected {expected}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, lines, source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise fail("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path, lines, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else fail(" or ".join(_type_name(a) for a in args))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_convert(item_tp, v, (*path[:-1], f"{path[-1]}[{i}]"), lines, source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+# --------------------------------------------------------------------------------------
+# Introspection: --help text and saving the resolved config of a run.
+# --------------------------------------------------------------------------------------
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field, nested blocks flattened with dots."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((key, _type_label(tp), repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+def _type_label(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(str(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_label(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text(cls: type) -> str:
+    rows = describe(cls)
+    width = max(len(k) for k, *_ in rows)
+    out = ["recipe keys (set in the YAML recipe or override as key.sub=value):"]
+    for key, tp, default, text in rows:
+        out.append(f"  {key:<{width}}  {text} [{tp}; default {default}]")
+    return "\n".join(out)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

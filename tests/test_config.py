@@ -1,0 +1,115 @@
+import dataclasses
+import typing
+
+import pytest
+
+from rlhf.cli import RECIPE_COMMANDS
+from rlhf.config import ConfigError, DataConfig, LoraConfig, ModelConfig, describe, help_text, load_config
+from rlhf.quickstart import QuickstartConfig
+
+RECIPE = """\
+model:
+  name: some/model
+  lora:
+    enabled: true
+    r: 8
+data:
+  split: test
+num_pairs: 10
+"""
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_recipe_and_overrides_build_nested_frozen_config(tmp_path):
+    cfg = load_config(QuickstartConfig, write(tmp_path, RECIPE), ["model.lora.r=4", "sampling.temperature=1", "data.max_items=null"])
+    assert cfg.model.name == "some/model"
+    assert cfg.model.lora == LoraConfig(enabled=True, r=4)
+    assert cfg.data.split == "test" and cfg.data.max_items is None
+    assert cfg.sampling.temperature == 1.0 and isinstance(cfg.sampling.temperature, float)
+    assert cfg.num_pairs == 10
+    assert cfg.seed == QuickstartConfig().seed  # untouched keys keep their defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_pairs = 3  # type: ignore[misc]
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    p = write(tmp_path, "model:\n  name: x\n  nmae: y\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(QuickstartConfig, p)
+    msg = str(err.value)
+    assert f"{p}:3" in msg and "model.nmae" in msg and "did you mean 'model.name'" in msg
+
+
+def test_unknown_override_is_attributed_to_the_command_line():
+    with pytest.raises(ConfigError, match=r"command line override sampling.temprature.*did you mean 'sampling.temperature'"):
+        load_config(QuickstartConfig, None, ["sampling.temprature=0.5"])
+
+
+@pytest.mark.parametrize(
+    "text, line, fragment",
+    [
+        ("num_pairs: many\n", 1, "field 'num_pairs': expected an integer"),
+        ("data:\n  split: validation\n", 2, "field 'data.split': expected one of 'all', 'train', 'test'"),
+        ("model:\n  lora:\n    enabled: 1\n", 3, "field 'model.lora.enabled': expected true or false"),
+        ("model: smollm2\n", 1, "field 'model': expected a mapping"),
+    ],
+)
+def test_type_errors_name_file_line_and_field(tmp_path, text, line, fragment):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(QuickstartConfig, p)
+    assert f"{p}:{line}" in str(err.value)
+    assert fragment in str(err.value)
+
+
+def test_value_checks_run_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="test_fraction must be in"):
+        load_config(QuickstartConfig, write(tmp_path, "data:\n  test_fraction: 2\n"))
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(QuickstartConfig, None, ["num_pairs"])
+
+
+def test_bad_yaml_and_non_mapping_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(QuickstartConfig, write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(QuickstartConfig, write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(QuickstartConfig, tmp_path / "missing.yaml")
+
+
+def _config_classes(cls, seen=None):
+    seen = set() if seen is None else seen
+    seen.add(cls)
+    for tp in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(tp) and tp not in seen:
+            _config_classes(tp, seen)
+    return seen
+
+
+def test_every_field_has_a_one_line_doc_shown_in_help():
+    classes = set()
+    for cmd in RECIPE_COMMANDS.values():
+        cfg_cls, _ = cmd.resolve()
+        classes |= _config_classes(cfg_cls)
+    assert {ModelConfig, DataConfig, LoraConfig} <= classes
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help", "")
+            assert text and "\n" not in text, f"{cls.__name__}.{f.name} lacks a one-line doc"
+    text = help_text(QuickstartConfig)
+    for key, _tp, _default, doc in describe(QuickstartConfig):
+        assert key in text and doc in text
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    cfg = load_config(QuickstartConfig, recipes / "quickstart.yaml")
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.data.split == "test"

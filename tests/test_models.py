@@ -1,0 +1,182 @@
+"""Model loading: tiny random Llama with SmolLM2's tokenizer; 4-bit/8-bit + LoRA on CPU;
+the real SmolLM2 (marked slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from policies.hub import ModelNotFoundError, resolve_model_path
+from policies.models import count_parameters, load_model
+from policies.text import encode_completions, generate, render_prompt, sequence_logprob
+from policies.tokenizers import ensure_pad_token, load_tokenizer
+from rlhf.config import LoraConfig, ModelConfig, SamplingConfig
+
+
+def test_tiny_model_loads_with_distinct_left_pad(tiny_llama_dir):
+    loaded = load_model(ModelConfig(name=str(tiny_llama_dir)))
+    tok, model = loaded.tokenizer, loaded.model
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert not model.training  # eval mode: dropout off
+    assert loaded.device.type == "cpu"
+    out = model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape == (1, 3, len(tok))
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_dtype(tiny_llama_dir, dtype, expected):
+    model = load_model(ModelConfig(name=str(tiny_llama_dir), dtype=dtype)).model
+    assert next(model.parameters()).dtype == expected
+
+
+def test_left_padding_does_not_change_logprobs(tiny_llama_dir):
+    loaded = load_model(ModelConfig(name=str(tiny_llama_dir)))
+    tok, model = loaded.tokenizer, loaded.model
+    prompts = [render_prompt(tok, "Hi"), render_prompt(tok, "A much longer prompt that forces padding on the other row")]
+    comps = ["Hello there", "Sure"]
+    batched = sequence_logprob(model, encode_completions(tok, prompts, comps))
+    alone = torch.cat([sequence_logprob(model, encode_completions(tok, [p], [c])) for p, c in zip(prompts, comps)])
+    assert torch.allclose(batched, alone, atol=1e-4)
+
+
+def test_sequence_logprob_equals_naive_full_logits_sum(tiny_llama_dir):
+    loaded = load_model(ModelConfig(name=str(tiny_llama_dir)))
+    tok, model = loaded.tokenizer, loaded.model
+    p, c = render_prompt(tok, "Name a colour."), "Blue, like the sky."
+    enc = encode_completions(tok, [p], [c])
+    ids = enc.input_ids  # one row: no padding at all
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)  # (L-1, V)
+    targets = ids[0, 1:]
+    scored = enc.completion_mask[0, 1:].bool()
+    expected = logp[torch.arange(len(targets)), targets][scored].sum()
+    assert scored.sum() == len(tok(c + tok.eos_token, add_special_tokens=False)["input_ids"])
+    assert torch.allclose(sequence_logprob(model, enc), expected.unsqueeze(0), atol=1e-4)
+
+
+def test_encode_marks_completion_tokens_only(tiny_llama_dir):
+    tok = load_tokenizer(tiny_llama_dir)
+    enc = encode_completions(tok, ["prompt one", "p"], ["yes", "a longer answer"])
+    for i, comp in enumerate(["yes", "a longer answer"]):
+        ids = enc.input_ids[i][enc.completion_mask[i].bool()].tolist()
+        assert tok.decode(ids) == comp + tok.eos_token
+        assert enc.attention_mask[i][enc.completion_mask[i].bool()].all()
+    assert (enc.input_ids[enc.attention_mask == 0] == tok.pad_token_id).all()
+
+
+def test_generate_truncates_after_eos(tiny_llama_dir):
+    loaded = load_model(ModelConfig(name=str(tiny_llama_dir)))
+    tok = loaded.tokenizer
+    torch.manual_seed(0)
+    gen = generate(loaded.model, tok, [render_prompt(tok, "Hello"), render_prompt(tok, "Tell me a story")], SamplingConfig(max_new_tokens=8, temperature=1.0))
+    assert gen.completion_ids.shape[0] == 2 and gen.completion_ids.shape[1] <= 8
+    for row, mask, done in zip(gen.completion_ids, gen.completion_mask, gen.finished):
+        n = int(mask.sum())
+        assert (row[n:] == tok.pad_token_id).all()
+        assert bool(done) == bool((row[:n] == tok.eos_token_id).any())
+        if done:
+            assert row[n - 1] == tok.eos_token_id
+
+
+def test_4bit_lora_forward_backward_on_cpu(tiny_llama_dir):
+    import bitsandbytes as bnb
+
+    cfg = ModelConfig(name=str(tiny_llama_dir), quantization="4bit", lora=LoraConfig(enabled=True, r=4, alpha=8))
+    model = load_model(cfg).model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    model.train()
+    ids = torch.randint(3, 1000, (2, 12))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    opt.step()
+    # LoRA B starts at zero and gets a nonzero gradient on the first step: every B must move.
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert {n for n in before if "lora_B" in n} <= set(changed)
+
+
+def test_8bit_loads_and_runs(tiny_llama_dir):
+    import bitsandbytes as bnb
+
+    model = load_model(ModelConfig(name=str(tiny_llama_dir), quantization="8bit")).model
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_lora_adapter_saved_and_loaded_from_disk(tiny_llama_dir, tmp_path):
+    cfg = ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4, target_modules="q_proj,v_proj"))
+    model = load_model(cfg).model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # make the adapter matter
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = model(input_ids=ids).logits
+    reloaded = load_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, path=str(tmp_path / "adapter")))).model
+    assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
+    assert any(p.requires_grad for p in reloaded.parameters())  # loaded as trainable
+
+
+def test_adapter_without_safetensors_is_refused(tiny_llama_dir, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, path=str(tmp_path))))
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    model.config.save_pretrained(tmp_path)
+    load_tokenizer(tiny_llama_dir).save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="safetensors"):
+        load_model(ModelConfig(name=str(tmp_path)))
+
+
+def test_unreachable_hub_id_says_how_to_use_a_local_directory(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model_path("nobody/no-such-model-xyz")
+    msg = str(err.value)
+    assert "nobody/no-such-model-xyz" in msg and "local directory" in msg and "model.name=DIR" in msg
+    with pytest.raises(ModelNotFoundError, match="not a directory"):
+        resolve_model_path("./no/such/dir")
+
+
+def test_pad_token_added_when_no_spare_special_token():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "</s>": 2}, unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", pad_token="</s>")
+    assert tok.pad_token_id == tok.eos_token_id
+    assert ensure_pad_token(tok) is True
+    assert tok.pad_token_id not in (None, tok.eos_token_id) and tok.pad_token_id == 3
+
+
+@pytest.mark.slow
+def test_real_smollm2_converts_loads_and_answers(smollm2_dir):
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg  # plain safetensors, no gguf on later loads
+    assert cfg["num_hidden_layers"] == 30 and cfg["vocab_size"] == 49152
+    loaded = load_model(ModelConfig())  # the default alias resolves to the converted cache
+    assert loaded.path == smollm2_dir
+    tok = loaded.tokenizer
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    gen = generate(loaded.model, tok, [render_prompt(tok, "What is the capital of France?")], SamplingConfig(max_new_tokens=20, temperature=0.0))
+    assert "Paris" in gen.texts[0]
+    assert gen.finished[0]  # the instruct model ends its turn
