@@ -120,14 +120,28 @@ def apply_lora(model: Any, cfg: LoraConfig, *, quantized: bool = False, adapter_
     targets: str | list[str] = cfg.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    layers = None
+    if cfg.last_layers is not None:
+        n_layers = model.config.get_text_config().num_hidden_layers
+        layers = list(range(max(0, n_layers - cfg.last_layers), n_layers))
+        if targets == "all-linear":  # peft needs explicit names to restrict layers
+            targets = _linear_leaf_names(model)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+
+
+def _linear_leaf_names(model: Any) -> list[str]:
+    """Leaf names of the Linear layers inside the model's transformer blocks (what peft's
+    'all-linear' selects): every nn.Linear (bitsandbytes layers subclass it) but the LM head."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -135,3 +149,29 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 autocast
+    runs several times faster than fp32; elsewhere bf16 on the CPU is emulated and slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `mode` ('auto', 'bfloat16', 'none') on `device`, or None for off."""
+    if mode == "none":
+        return None
+    if mode == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast for `device`, or a no-op context when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

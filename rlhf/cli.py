@@ -30,6 +30,10 @@ RECIPE_COMMANDS: dict[str, RecipeCommand] = {
         "load the default model, answer held-out HH prompts, score HH pairs by likelihood",
         "rlhf.quickstart:QuickstartConfig:run",
     ),
+    "train-rm": RecipeCommand(
+        "train a Bradley-Terry or GRM reward model on preference pairs",
+        "rlhf.train_rm:TrainRMConfig:run",
+    ),
 }
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -59,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list known model aliases; convert the embedded default")
     p.add_argument("--convert", metavar="ALIAS", help="convert an embedded model into the cache now")
     p.set_defaults(handler=_models)
+
+    p = sub.add_parser("eval-rm", help="evaluate a reward model on preference data: accuracy, margin, calibration")
+    p.add_argument("model", help="reward model directory (written by `rlhf train-rm`)")
+    p.add_argument("data", nargs="+", metavar="DATA[@SPLIT]",
+                   help="preference data file; '@test' or '@train' picks a side of the prompt-hash split (default: all)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="test fraction of the prompt-hash split")
+    p.add_argument("--batch-size", type=int, default=16, help="rows scored per forward pass")
+    p.add_argument("--out", help="also write the metrics to this JSON file")
+    p.set_defaults(handler=_eval_rm)
 
     data = sub.add_parser("data", help="data file tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -103,6 +116,37 @@ def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"  {alias}: {m.description}; {state}")
     print("Any local model directory or hub id also works as model.name.")
     return 0
+
+
+def _eval_rm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rewards.reward_model import RewardModelProviderConfig, load_reward_model_provider
+    from rlhf.config import DataConfig
+    from rlhf.evaluation import evaluate_pairs
+    from rlhf.io import atomic_write_json
+    from rlhf.train_rm import load_split_pairs
+
+    provider = load_reward_model_provider(RewardModelProviderConfig(path=args.model, batch_size=args.batch_size))
+    results = {}
+    for spec in args.data:
+        path, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "all")
+        if split not in ("all", "train", "test"):
+            raise SystemExit(f"error: {spec}: split must be all, train or test")
+        pairs = load_split_pairs(DataConfig(path=path, split=split, test_fraction=args.test_fraction))  # type: ignore[arg-type]
+        results[spec] = evaluate_pairs(provider, pairs)
+    print(format_eval_table(results))
+    if args.out:
+        atomic_write_json(args.out, results)
+    return 0
+
+
+def format_eval_table(results: dict) -> str:
+    """A Markdown table: one row per (data set, subset)."""
+    lines = ["| data | subset | pairs | accuracy | mean margin | ECE |", "|---|---|---:|---:|---:|---:|"]
+    for name, per_subset in results.items():
+        for subset, m in per_subset.items():
+            if m.get("pairs"):
+                lines.append(f"| {name} | {subset} | {m['pairs']} | {m['accuracy']:.3f} | {m['mean_margin']:.3f} | {m['ece']:.3f} |")
+    return "\n".join(lines)
 
 
 def _data_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

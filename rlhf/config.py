@@ -41,6 +41,11 @@ def doc_factory(factory: Any, help: str) -> Any:
     return field(default_factory=factory, metadata={"help": help})
 
 
+def required(help: str) -> Any:
+    """A dataclass field the recipe must set (no default), with its one-line doc."""
+    return field(metadata={"help": help})
+
+
 # --------------------------------------------------------------------------------------
 # Shared config blocks. Commands compose these into their own top-level config.
 # --------------------------------------------------------------------------------------
@@ -57,12 +62,15 @@ class LoraConfig:
     dropout: float = doc(0.0, "LoRA dropout (0 keeps PPO's log-probs deterministic)")
     target_modules: str = doc("all-linear", "modules to adapt: 'all-linear' or a comma-separated list of names")
     path: str | None = doc(None, "load an existing adapter from this directory instead of creating a new one")
+    last_layers: int | None = doc(None, "adapt only the last N transformer layers (backprop then stops below them: faster)")
 
     def __post_init__(self) -> None:
         if self.r <= 0 or self.alpha <= 0:
             raise ConfigError(f"lora.r and lora.alpha must be positive, got r={self.r}, alpha={self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.last_layers is not None and self.last_layers <= 0:
+            raise ConfigError(f"lora.last_layers must be positive, got {self.last_layers}")
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,13 @@ def _build(cls: type[T], data: Any, prefix: tuple[str, ...], lines: dict, source
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"{_where(source, lines, path)}: unknown key '{'.'.join(path)}'{hint}")
         kwargs[key] = _convert(hints[key], value, path, lines, source)
+    missing = [
+        k for k, f in fields.items()
+        if k not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        keys = ", ".join(".".join((*prefix, k)) for k in missing)
+        raise ConfigError(f"{_where(source, lines, prefix) if prefix else source}: missing required key {keys}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -223,6 +238,9 @@ def _convert(tp: Any, value: Any, path: tuple[str, ...], lines: dict, source: st
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        table = _discriminated(args)
+        if table:
+            return _build_tagged(table, value, path, lines, source)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -263,6 +281,43 @@ def _convert(tp: Any, value: Any, path: tuple[str, ...], lines: dict, source: st
     raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")
 
 
+def _discriminated(args: tuple[Any, ...]) -> dict[str, type] | None:
+    """{tag: class} when every non-None member is a dataclass with a `type: Literal[tag]` field."""
+    members = [a for a in args if a is not type(None)]
+    table: dict[str, type] = {}
+    for m in members:
+        if not dataclasses.is_dataclass(m):
+            return None
+        tag_tp = typing.get_type_hints(m).get("type")
+        if typing.get_origin(tag_tp) is not Literal:
+            return None
+        for tag in typing.get_args(tag_tp):
+            table[tag] = m
+    return table or None
+
+
+def _build_tagged(table: dict[str, type], value: Any, path: tuple[str, ...], lines: dict, source: str) -> Any:
+    """Pick the dataclass named by the mapping's `type` key, then build it strictly."""
+    key = ".".join(path)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_where(source, lines, path)}: field '{key}': expected a mapping with a 'type' key, got {value!r}")
+    tag = value.get("type")
+    if tag not in table:
+        close = difflib.get_close_matches(str(tag), list(table), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{_where(source, lines, (*path, 'type'))}: field '{key}.type': expected one of "
+            f"{', '.join(repr(t) for t in table)}, got {tag!r}{hint}"
+        )
+    return _build(table[tag], value, path, lines, source)
+
+
+def from_dict(tp: Any, data: Any, where: str = "config") -> Any:
+    """Build a config (a dataclass, or a tagged union of dataclasses) from plain Python data,
+    with the same strict checks as a recipe. `where` names the source in error messages."""
+    return _convert(tp, data, (), {}, where) if not dataclasses.is_dataclass(tp) else _build(tp, data, (), {}, where)
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
@@ -284,12 +339,24 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append((key, _type_label(tp), repr(default), f.metadata.get("help", "")))
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (Union, types.UnionType) and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            rows.append((key, "mapping or null", "set", f"{f.metadata.get('help', '')}; its keys:"))
+            rows.extend(describe(inner[0], key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "required"
+        rows.append((key, _type_label(tp), default, f.metadata.get("help", "")))
     return rows
 
 
 def _type_label(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType) and (table := _discriminated(typing.get_args(tp))):
+        return "mapping with type: " + "|".join(table)
     if typing.get_origin(tp) is Literal:
         return "|".join(str(c) for c in typing.get_args(tp))
     if typing.get_origin(tp) in (Union, types.UnionType):
@@ -302,7 +369,8 @@ def help_text(cls: type) -> str:
     width = max(len(k) for k, *_ in rows)
     out = ["recipe keys (set in the YAML recipe or override as key.sub=value):"]
     for key, tp, default, text in rows:
-        out.append(f"  {key:<{width}}  {text} [{tp}; default {default}]")
+        suffix = "required" if default == "required" else f"default {default}"
+        out.append(f"  {key:<{width}}  {text} [{tp}; {suffix}]")
     return "\n".join(out)
 
 

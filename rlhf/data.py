@@ -93,6 +93,7 @@ class PreferencePair:
     id: str | None = None
     subset: str | None = None
     source: str = ""
+    margin: float | None = None  # optional BT margin m: the loss becomes −log σ(r_c − r_r − m)
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,18 @@ def parse_pair(row: Mapping[str, Any], location: str) -> PreferencePair:
         id=_parse_id(row, location, ("id",)),
         subset=_parse_subset(row, location, ("subset",)),
         source=location,
+        margin=_parse_margin(row, location),
     )
+
+
+def _parse_margin(row: Mapping[str, Any], location: str) -> float | None:
+    """Optional per-pair `margin` (a number, e.g. a preference-strength rating difference)."""
+    value = _get(row, "margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(location, f"expected a finite number, got {value!r}", "margin")
+    return float(value)
 
 
 def _split_implicit(chosen_raw: Any, rejected_raw: Any, location: str) -> tuple[list[Message], str, str]:

@@ -59,3 +59,75 @@ def test_pairwise_accuracy_counts_ties_half():
     assert pairwise_accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0])).item() == pytest.approx((1 + 0 + 0.5 + 1) / 4)
     with pytest.raises(ValueError):
         pairwise_accuracy(torch.tensor([]))
+
+
+# ---- reward-model losses (values worked out by hand in the comments)
+
+from rlhf.core import bt_loss, grm_loss, grm_regularizer, preference_ece  # noqa: E402
+
+LN2 = math.log(2.0)
+
+
+def test_bt_loss_hand_values():
+    # z = 0 → −log σ(0) = ln 2; z = ln 3 → −log(3/4).
+    assert bt_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 - math.log(3)])).item() == pytest.approx(
+        (LN2 - math.log(0.75)) / 2
+    )
+    # A margin of ln 3 turns z = ln 3 into 0.
+    assert bt_loss(torch.tensor([math.log(3)]), torch.tensor([0.0]), margin=torch.tensor([math.log(3)])).item() == pytest.approx(LN2)
+    # Centering adds η·mean((r_c + r_r)²) = 0.5 · ((1+1)² + (0+2)²)/2 = 0.5 · 4 = 2.
+    r_c, r_r = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 2.0])
+    base = bt_loss(r_c, r_r).item()
+    assert bt_loss(r_c, r_r, center_coef=0.5).item() == pytest.approx(base + 2.0)
+    # Large margins stay finite (softplus form).
+    assert bt_loss(torch.tensor([0.0]), torch.tensor([200.0])).item() == pytest.approx(200.0)
+
+
+def test_grm_regularizers_hand_values():
+    lc, lr = torch.tensor([-10.0]), torch.tensor([-20.0])
+    rc, rr = torch.tensor([-12.0]), torch.tensor([-15.0])
+    beta = 0.1
+    # sft: −log σ(0.1 · −10) = softplus(1) = ln(1 + e).
+    assert grm_regularizer("sft", lc, beta=beta).item() == pytest.approx(math.log(1 + math.e))
+    # dpo_noref: z = 0.1 · (−10 + 20) = 1 → ln(1 + e^−1).
+    assert grm_regularizer("dpo_noref", lc, lr, beta=beta).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    # dpo: z = 0.1 · (10 − 3) = 0.7 → ln(1 + e^−0.7).
+    assert grm_regularizer("dpo", lc, lr, rc, rr, beta=beta).item() == pytest.approx(math.log(1 + math.exp(-0.7)))
+    with pytest.raises(ValueError, match="needs ref_logp_chosen"):
+        grm_regularizer("dpo", lc, lr)
+    with pytest.raises(ValueError, match="unknown GRM regularizer"):
+        grm_regularizer("kl", lc)  # type: ignore[arg-type]
+
+
+def test_grm_loss_mixes_with_alpha():
+    assert grm_loss(torch.tensor(2.0), torch.tensor(10.0), alpha=0.01).item() == pytest.approx(0.99 * 2 + 0.01 * 10)
+    assert grm_loss(torch.tensor(2.0), torch.tensor(10.0), alpha=0.0).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        grm_loss(torch.tensor(1.0), torch.tensor(1.0), alpha=1.5)
+
+
+def test_bt_loss_gradient_points_the_right_way():
+    r_c = torch.tensor([0.0], requires_grad=True)
+    r_r = torch.tensor([0.0], requires_grad=True)
+    bt_loss(r_c, r_r).backward()
+    # d/dz softplus(−z) at 0 = −½: raising r_c lowers the loss, raising r_r raises it.
+    assert r_c.grad.item() == pytest.approx(-0.5) and r_r.grad.item() == pytest.approx(0.5)
+
+
+def test_preference_ece_hand_values():
+    # Margin ln 3 → p = 3/4, confidence 3/4, correct. Margin −ln 3 → p = 1/4, confidence 3/4, wrong.
+    # One bin holds both: |accuracy ½ − confidence ¾| = ¼.
+    m = torch.tensor([math.log(3), -math.log(3)])
+    assert preference_ece(m).item() == pytest.approx(0.25)
+    # Two correct pairs at confidence 3/4: |1 − ¾| = ¼.
+    assert preference_ece(torch.tensor([math.log(3), math.log(3)])).item() == pytest.approx(0.25)
+    # Perfectly calibrated in two bins: conf ¾ with 3 of 4 right, conf ½ (ties, half right each).
+    m = torch.tensor([math.log(3)] * 3 + [-math.log(3)] + [0.0] * 4)
+    assert preference_ece(m).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_last_token_index_any_padding():
+    from rlhf.core import last_token_index
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    assert last_token_index(mask).tolist() == [4, 2, 2, 0]

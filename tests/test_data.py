@@ -543,3 +543,15 @@ def test_import_is_light():
     code = "import sys, rlhf.data; print('datasets' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_optional_margin_field(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.5}\n'
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}\n'
+    )
+    loaded = load_pairs(p, skip_invalid=True)
+    assert [x.margin for x in loaded.items] == [1.5, None]
+    assert len(loaded.skipped) == 1 and ":3:" in loaded.skipped[0] and "'margin'" in loaded.skipped[0]

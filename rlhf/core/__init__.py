@@ -2,7 +2,20 @@
 and never mutates its inputs."""
 
 from rlhf.core.logprobs import masked_mean, masked_sum, token_logprobs
-from rlhf.core.metrics import pairwise_accuracy
-from rlhf.core.sequence import position_ids, truncate_after_eos
+from rlhf.core.losses import bt_loss, grm_loss, grm_regularizer
+from rlhf.core.metrics import pairwise_accuracy, preference_ece
+from rlhf.core.sequence import last_token_index, position_ids, truncate_after_eos
 
-__all__ = ["masked_mean", "masked_sum", "pairwise_accuracy", "position_ids", "token_logprobs", "truncate_after_eos"]
+__all__ = [
+    "bt_loss",
+    "grm_loss",
+    "grm_regularizer",
+    "last_token_index",
+    "masked_mean",
+    "masked_sum",
+    "pairwise_accuracy",
+    "position_ids",
+    "preference_ece",
+    "token_logprobs",
+    "truncate_after_eos",
+]

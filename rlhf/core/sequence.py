@@ -11,6 +11,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last real token. attention_mask: (B, T) → (B,) long.
+    Works for left, right or both-sided padding (a row with no real token gets 0)."""
+    T = attention_mask.shape[1]
+    return (T - 1 - attention_mask.long().flip(-1).argmax(-1)).where(attention_mask.any(-1), torch.zeros((), dtype=torch.long))
+
+
 def truncate_after_eos(ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep tokens up to and including the first EOS of each row; pad the rest.
     ids: (B, C). Returns (ids, mask, finished) with mask (B, C) long and finished (B,) bool.

@@ -1,0 +1,84 @@
+"""Reward-model losses: Bradley-Terry and the GRM text-generation regularizers. Pure torch.
+
+Every function takes per-pair tensors of shape (B,) and returns a scalar mean over the batch
+(unless noted), and never mutates its inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+GRMRegularizer = Literal["sft", "dpo", "dpo_noref"]
+
+
+def bt_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood with optional margin and reward centering.
+
+        L = mean_i [ −log σ(r_c,i − r_r,i − m_i) ] + η · mean_i [ (r_c,i + r_r,i)² ]
+
+    r_chosen, r_rejected: (B,) rewards r(x, y_c), r(x, y_r); margin: (B,) m_i or None (0);
+    center_coef: η. The margin form is Llama 2's (Touvron et al. 2023, eq. 2); the centering term
+    keeps rewards near zero so the BT loss's shift invariance can't let them drift (Eisenstein
+    et al. 2023, "Helping or Herding?", section 3). −log σ(z) is computed as softplus(−z), which
+    is exact for large |z|.
+    """
+    z = r_chosen - r_rejected
+    if margin is not None:
+        z = z - margin
+    loss = F.softplus(-z).mean()
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected).pow(2).mean()
+    return loss
+
+
+def grm_regularizer(
+    kind: GRMRegularizer,
+    logp_chosen: torch.Tensor,
+    logp_rejected: torch.Tensor | None = None,
+    ref_logp_chosen: torch.Tensor | None = None,
+    ref_logp_rejected: torch.Tensor | None = None,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """GRM's text-generation regularizer on the reward model's shared hidden states
+    (Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model
+    for LLMs", section 3.2). log π(y|x) are summed log-probs of response tokens only, (B,).
+
+        sft:        −log σ(β · log π(y_c|x))
+        dpo:        −log σ(β · [(log π(y_c|x) − log π(y_r|x)) − (log π_ref(y_c|x) − log π_ref(y_r|x))])
+        dpo_noref:  −log σ(β · (log π(y_c|x) − log π(y_r|x)))
+
+    Returns the batch mean.
+    """
+    if kind == "sft":
+        z = beta * logp_chosen
+    elif kind == "dpo_noref":
+        _require(kind, logp_rejected=logp_rejected)
+        z = beta * (logp_chosen - logp_rejected)
+    elif kind == "dpo":
+        _require(kind, logp_rejected=logp_rejected, ref_logp_chosen=ref_logp_chosen, ref_logp_rejected=ref_logp_rejected)
+        z = beta * ((logp_chosen - logp_rejected) - (ref_logp_chosen - ref_logp_rejected))
+    else:
+        raise ValueError(f"unknown GRM regularizer {kind!r}; expected 'sft', 'dpo' or 'dpo_noref'")
+    return F.softplus(-z).mean()
+
+
+def grm_loss(bt: torch.Tensor, regularizer: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:
+    """GRM's total loss (Yang et al. 2024, section 3.2): L = (1 − α) · L_BT + α · L_reg. α = 0.01 is the
+    paper's default."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return (1.0 - alpha) * bt + alpha * regularizer
+
+
+def _require(kind: str, **tensors: torch.Tensor | None) -> None:
+    missing = [name for name, t in tensors.items() if t is None]
+    if missing:
+        raise ValueError(f"GRM regularizer {kind!r} needs {', '.join(missing)}")

@@ -1,0 +1,16 @@
+"""Reward functions in TRL's convention, imported by dotted path ('reward_fns:length_reward')
+in tests/test_rewards_interface.py. pytest puts tests/ on sys.path (rootdir-relative import
+mode, no __init__.py), so this module is importable as top-level `reward_fns`."""
+
+
+def length_reward(prompts, completions, scale=1.0, **kwargs):
+    """r = scale · len(completion), in characters."""
+    return [scale * len(c) for c in completions]
+
+
+def none_if_empty(prompts, completions, **kwargs):
+    """Can't judge an empty completion: None there, 1.0 elsewhere."""
+    return [None if not c else 1.0 for c in completions]
+
+
+NOT_CALLABLE = 42
