@@ -165,6 +165,12 @@ def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str,
                 key = (*prefix, str(k.value))
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
+        elif isinstance(n, yaml.SequenceNode) and prefix:
+            # List items are addressed as `key[i]`, the same paths `_convert` reports.
+            for i, item in enumerate(n.value):
+                key = (*prefix[:-1], f"{prefix[-1]}[{i}]")
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
 
     walk(node, ())
     data = yaml.safe_load(text)
@@ -298,15 +304,16 @@ def _discriminated(args: tuple[Any, ...]) -> dict[str, type] | None:
 
 def _build_tagged(table: dict[str, type], value: Any, path: tuple[str, ...], lines: dict, source: str) -> Any:
     """Pick the dataclass named by the mapping's `type` key, then build it strictly."""
-    key = ".".join(path)
+    key = ".".join(path) or "config"
     if not isinstance(value, dict):
         raise ConfigError(f"{_where(source, lines, path)}: field '{key}': expected a mapping with a 'type' key, got {value!r}")
     tag = value.get("type")
     if tag not in table:
         close = difflib.get_close_matches(str(tag), list(table), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
+        where = (*path, "type")
         raise ConfigError(
-            f"{_where(source, lines, (*path, 'type'))}: field '{key}.type': expected one of "
+            f"{_where(source, lines, where)}: field '{'.'.join(where)}': expected one of "
             f"{', '.join(repr(t) for t in table)}, got {tag!r}{hint}"
         )
     return _build(table[tag], value, path, lines, source)

@@ -113,3 +113,16 @@ def test_shipped_recipes_load():
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     cfg = load_config(QuickstartConfig, recipes / "quickstart.yaml")
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.data.split == "test"
+
+
+def test_errors_inside_lists_name_their_line(tmp_path):
+    from rlhf.ablation import AblationConfig
+
+    p = write(tmp_path, "variants:\n  - name: BT\n  - name: G\n    objective: grm\n    regularizer: kl\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(AblationConfig, p)
+    assert f"{p}:5" in str(err.value) and "variants[1].regularizer" in str(err.value)
+    cfg = load_config(AblationConfig, write(tmp_path, "variants:\n  - name: only\n    objective: grm\n", "ok.yaml"))
+    assert [(v.name, v.objective) for v in cfg.variants] == [("only", "grm")]
+    with pytest.raises(ConfigError, match="missing required key variants\\[0\\].name"):
+        load_config(AblationConfig, write(tmp_path, "variants:\n  - objective: grm\n", "missing.yaml"))

@@ -306,13 +306,12 @@ def test_reward_spec_from_a_yaml_recipe(tmp_path):
     recipe.write_text(RECIPE.replace("type: sum", "type: summ"))
     with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}:2: field 'reward.type': .*got 'summ'; did you mean 'sum'\?"):
         load_config(RunConfig, recipe)
-    # Inside list items the error names the file and the field; rlhf.config records line
-    # numbers for mapping keys only, so no line here.
+    # Inside list items too, the error names the file, the line and the field.
     recipe.write_text(RECIPE.replace("type: function", "type: functoin"))
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}: field 'reward.terms\[0\].provider.type': .*did you mean 'function'"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}:6: field 'reward.terms\[0\].provider.type': .*did you mean 'function'"):
         load_config(RunConfig, recipe)
     recipe.write_text(RECIPE.replace("weight: 2", "weight: heavy"))
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}: field 'reward.terms\[0\].weight': expected a number"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}:4: field 'reward.terms\[0\].weight': expected a number"):
         load_config(RunConfig, recipe)
     recipe.write_text("reward:\n  type: ensemble\n  aggregate: mean_minus_std\n  members:\n    - {type: function, path: a:b}\n")
     with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}:1: .*needs at least 2 members"):
