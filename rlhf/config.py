@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,15 +178,35 @@ def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str,
     return data, lines
 
 
+_INDEXED = re.compile(r"^(?P<key>[^\[\]]+)\[(?P<index>\d+)\]$")
+
+
 def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    cur = data
-    for part in path[:-1]:
-        nxt = cur.get(part)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            cur[part] = nxt
-        cur = nxt
-    cur[path[-1]] = value
+    """Set `value` at a dotted path; a `key[i]` part indexes a list that the recipe sets."""
+    cur: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        m = _INDEXED.match(part)
+        if m:
+            items = cur.get(m["key"]) if isinstance(cur, dict) else None
+            i = int(m["index"])
+            if not isinstance(items, list) or i >= len(items):
+                size = len(items) if isinstance(items, list) else 0
+                raise ConfigError(
+                    f"override {'.'.join(path)}: '{m['key']}' has {size} item(s) in the recipe; "
+                    f"index {i} can only change an item the recipe lists"
+                )
+            if last:
+                items[i] = value
+            elif not isinstance(items[i], dict):
+                items[i] = {}
+            cur = items[i]
+        elif last:
+            cur[part] = value
+        else:
+            if not isinstance(cur.get(part), dict):
+                cur[part] = {}
+            cur = cur[part]
 
 
 def _where(source: str, lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> str:

@@ -22,7 +22,7 @@ from policies.models import autocast, autocast_dtype, count_parameters
 from rewards.reward_model import HeadType, RewardModel, RewardModelProvider, new_reward_model
 from rlhf.config import DataConfig, LoraConfig, ModelConfig, doc, to_dict
 from rlhf.core import bt_loss, grm_loss, grm_regularizer, pairwise_accuracy
-from rlhf.data import PreferencePair, load_pairs, select_split
+from rlhf.data import DataError, PreferencePair, load_pairs, select_split
 from rlhf.evaluation import evaluate_pairs
 from rlhf.io import atomic_write_json
 from rlhf.runs import prepare_run_dir, seed_everything
@@ -77,7 +77,7 @@ def load_split_pairs(cfg: DataConfig) -> list[PreferencePair]:
     if cfg.max_items is not None:
         pairs = pairs[: cfg.max_items]
     if not pairs:
-        raise ValueError(f"{cfg.path}: the '{cfg.split}' split is empty")
+        raise DataError(cfg.path, f"the '{cfg.split}' side of the split (test_fraction {cfg.test_fraction}) is empty")
     return pairs
 
 

@@ -126,3 +126,15 @@ def test_errors_inside_lists_name_their_line(tmp_path):
     assert [(v.name, v.objective) for v in cfg.variants] == [("only", "grm")]
     with pytest.raises(ConfigError, match="missing required key variants\\[0\\].name"):
         load_config(AblationConfig, write(tmp_path, "variants:\n  - objective: grm\n", "missing.yaml"))
+
+
+def test_overrides_can_index_list_items(tmp_path):
+    from rlhf.ablation import AblationConfig
+
+    p = write(tmp_path, "variants:\n  - name: A\n  - name: B\n")
+    cfg = load_config(AblationConfig, p, ["variants[1].objective=grm", "variants[0].name=Z"])
+    assert [(v.name, v.objective) for v in cfg.variants] == [("Z", "bt"), ("B", "grm")]
+    with pytest.raises(ConfigError, match=r"'variants' has 2 item\(s\) in the recipe"):
+        load_config(AblationConfig, p, ["variants[5].name=C"])
+    with pytest.raises(ConfigError, match="command line override variants\\[0\\].objectiv.*did you mean"):
+        load_config(AblationConfig, p, ["variants[0].objectiv=grm"])

@@ -131,3 +131,52 @@ def test_length_grouped_batches_cover_every_index_once():
     assert all(len(b) <= 8 for b in batches)
     # Inside a batch, lengths are sorted (descending): padding is minimal.
     assert all(lengths[b[0]] >= lengths[b[-1]] for b in batches)
+
+
+def test_qlora_reward_model_trains_saves_and_scores(tiny_llama_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    from rewards.reward_model import load_reward_model
+
+    cfg = toy_cfg(
+        tiny_llama_dir, tmp_path,
+        model=ModelConfig(name=str(tiny_llama_dir), quantization="4bit", lora=LoraConfig(enabled=True, r=4)),
+        max_steps=2, eval_data=None,
+    )
+    summary = run(cfg)
+    rm = load_reward_model(summary["model_dir"])
+    assert rm.meta.quantization == "4bit"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in rm.modules())  # reloaded quantized
+    with torch.no_grad():
+        r = rm(rm.encode(["Describe thing number 1."], ["apple excellent river"]))
+    assert torch.isfinite(r).all()
+
+
+@pytest.mark.parametrize("backend, artifact", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_trackers_write_their_files(tiny_llama_dir, tmp_path, monkeypatch, backend, artifact):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = toy_cfg(tiny_llama_dir, tmp_path, max_steps=2, log_every=1, eval_data=None, tracker=backend)
+    run(cfg)
+    run_dir = tmp_path / "run"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    files = [p for p in (run_dir / artifact).rglob("*") if p.is_file()]
+    assert files, f"{backend} wrote nothing under {run_dir / artifact}"
+
+
+def test_eval_rm_cli_reports_subsets(tiny_llama_dir, tmp_path, capsys):
+    from rlhf.cli import main
+
+    summary = run(toy_cfg(tiny_llama_dir, tmp_path, max_steps=2, eval_data=None))
+    data = tmp_path / "subsets.jsonl"
+    rows = [json.loads(line) | {"subset": "odd" if i % 2 else "even"} for i, line in enumerate(open(write_toy(tmp_path / "e.jsonl", 10, 7)))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_json = tmp_path / "eval.json"
+    assert main(["eval-rm", summary["model_dir"], str(data), f"{data}@test", "--out", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {data} | all | 10 |" in table and f"| {data} | odd | 5 |" in table and f"| {data} | even | 5 |" in table
+    result = json.loads(out_json.read_text())
+    assert 0.0 <= result[str(data)]["all"]["accuracy"] <= 1.0 and result[str(data)]["all"]["invalid"] == 0
+    assert main(["eval-rm", str(tmp_path), str(data)]) == 2  # not a reward model directory
+    assert "rlhf train-rm" in capsys.readouterr().err
