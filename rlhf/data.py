@@ -406,28 +406,26 @@ def _parse_completion(value: Any, location: str, field: str) -> str:
     return text
 
 
-def _parse_id(row: Mapping[str, Any], location: str, keys: Sequence[str]) -> str | None:
-    """The first present key of ``keys`` as a string (any JSON scalar is accepted)."""
+def _first_field(row: Mapping[str, Any], location: str, keys: Sequence[str], accept: tuple[type, ...], expected: str) -> str | None:
+    """The first present key of ``keys`` as text; its value must be one of ``accept``."""
     for key in keys:
         value = _get(row, key)
         if value is None:
             continue
-        if isinstance(value, (str, int, float, bool)):
+        if isinstance(value, accept):
             return str(value)
-        raise DataError(location, f"expected a scalar, got {_type_name(value)}", key)
+        raise DataError(location, f"expected {expected}, got {_type_name(value)}", key)
     return None
+
+
+def _parse_id(row: Mapping[str, Any], location: str, keys: Sequence[str]) -> str | None:
+    """An id: any JSON scalar, kept as text."""
+    return _first_field(row, location, keys, (str, int, float, bool), "a scalar")
 
 
 def _parse_subset(row: Mapping[str, Any], location: str, keys: Sequence[str]) -> str | None:
-    """The first present key of ``keys``; it must be text."""
-    for key in keys:
-        value = _get(row, key)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            return value
-        raise DataError(location, f"expected text, got {_type_name(value)}", key)
-    return None
+    """A subset label: text only."""
+    return _first_field(row, location, keys, (str,), "text")
 
 
 # ---------------------------------------------------------------- pair formats
