@@ -34,6 +34,10 @@ RECIPE_COMMANDS: dict[str, RecipeCommand] = {
         "train a Bradley-Terry or GRM reward model on preference pairs",
         "rlhf.train_rm:TrainRMConfig:run",
     ),
+    "ppo": RecipeCommand(
+        "train a policy with PPO against any reward provider",
+        "rlhf.ppo:PPOConfig:run",
+    ),
     "reward-ablation": RecipeCommand(
         "train BT and GRM variants on the same budget; compare them in- and out-of-distribution",
         "rlhf.ablation:AblationConfig:run",

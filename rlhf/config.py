@@ -232,6 +232,11 @@ def _build(cls: type[T], data: Any, prefix: tuple[str, ...], lines: dict, source
             close = difflib.get_close_matches(".".join(path), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"{_where(source, lines, path)}: unknown key '{'.'.join(path)}'{hint}")
+        default = _default_of(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A nested block set in part keeps the rest of the *field's* default (e.g. a command
+            # whose default model has LoRA on keeps it when only model.name is given).
+            value = _deep_merge(dataclasses.asdict(default), value)
         kwargs[key] = _convert(hints[key], value, path, lines, source)
     missing = [
         k for k, f in fields.items()
@@ -244,6 +249,22 @@ def _build(cls: type[T], data: Any, prefix: tuple[str, ...], lines: dict, source
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{_where(source, lines, prefix) if prefix else source}: {err}") from None
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, merging nested mappings; other values (lists too) replace."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _convert(tp: Any, value: Any, path: tuple[str, ...], lines: dict, source: str) -> Any:
@@ -298,6 +319,12 @@ def _convert(tp: Any, value: Any, path: tuple[str, ...], lines: dict, source: st
             raise fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; users mean a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise fail("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)

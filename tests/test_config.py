@@ -26,7 +26,7 @@ def write(tmp_path, text, name="r.yaml"):
 
 
 def test_recipe_and_overrides_build_nested_frozen_config(tmp_path):
-    cfg = load_config(QuickstartConfig, write(tmp_path, RECIPE), ["model.lora.r=4", "sampling.temperature=1", "data.max_items=null"])
+    cfg = load_config(QuickstartConfig, write(tmp_path, RECIPE), ["model.lora.r=4", "sampling.temperature=1e-1", "sampling.temperature=1", "data.max_items=null"])
     assert cfg.model.name == "some/model"
     assert cfg.model.lora == LoraConfig(enabled=True, r=4)
     assert cfg.data.split == "test" and cfg.data.max_items is None
@@ -138,3 +138,12 @@ def test_overrides_can_index_list_items(tmp_path):
         load_config(AblationConfig, p, ["variants[5].name=C"])
     with pytest.raises(ConfigError, match="command line override variants\\[0\\].objectiv.*did you mean"):
         load_config(AblationConfig, p, ["variants[0].objectiv=grm"])
+
+
+def test_partial_nested_block_keeps_the_fields_default():
+    from rlhf.train_rm import TrainRMConfig
+
+    cfg = load_config(TrainRMConfig, None, ["model.name=some/dir", "eval_data.max_items=8"])
+    assert cfg.model.name == "some/dir" and cfg.model.lora.enabled  # TrainRMConfig's default model has LoRA on
+    assert cfg.eval_data.split == "test" and cfg.eval_data.max_items == 8  # its default eval side is the test split
+    assert load_config(TrainRMConfig, None, ["eval_data=null"]).eval_data is None

@@ -1,0 +1,205 @@
+"""The policy, its reference and the critic, in the two layouts the PPO loop runs with.
+
+`shared_lora` (DESIGN.md, "Single-GPU layout"): one base model, optionally 4-bit, carries two
+LoRA adapters, `policy` (trained) and `critic` (trained, plus a value head); the reference
+policy is the base with adapters disabled. One copy of the base weights serves all three.
+
+`separate`: a full policy, a frozen full copy as the reference, and a full critic backbone with
+a value head. The same loop runs on either through `ActorCritic`'s methods.
+
+`forward` computes the policy's log-probs and the critic's values in one call, so that under
+DDP (Accelerate) a training step is one forward and one backward of one wrapped module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from policies.models import LoadedModel, apply_lora, load_model
+from policies.text import Encoded
+from rlhf.config import ModelConfig
+from rlhf.core import entropy_from_logits, position_ids, token_logprobs
+
+POLICY, CRITIC, REFERENCE = "policy", "critic", "reference"
+
+
+@dataclass
+class ActorCriticOutput:
+    logprobs: torch.Tensor  # (B, C) log π(y_t | x, y_<t) at the sampling temperature
+    entropy: torch.Tensor  # (B, C) entropy of π(·| x, y_<t)
+    values: torch.Tensor  # (B, C) V(x, y_<t): the state before token t
+
+
+class ValueHead(nn.Module):
+    """h (…, D) → V (…); initialisable from a trained reward head (same shapes)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """Policy + reference + critic behind one interface (see module docstring)."""
+
+    def __init__(self, policy: Any, critic_backbone: Any | None, reference: Any | None, value_head: ValueHead, tokenizer: Any, layout: str) -> None:
+        super().__init__()
+        self.policy = policy  # peft model with both adapters (shared_lora) or a causal LM (separate)
+        self.critic_backbone = critic_backbone  # None in shared_lora: the critic adapter lives in `policy`
+        self.reference = reference  # None in shared_lora: adapters disabled instead
+        self.value_head = value_head
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.temperature = 1.0
+        self.has_reference_adapter = False
+
+    # --- building -----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: ModelConfig, layout: str) -> ActorCritic:
+        if layout == "shared_lora":
+            if not cfg.lora.enabled:
+                raise ValueError("layout 'shared_lora' needs model.lora.enabled: true (or use layout 'separate')")
+            loaded = load_model(dataclass_replace_lora(cfg, enabled=False))
+            model = apply_lora(loaded.model, cfg.lora, quantized=cfg.quantization != "none", adapter_name=POLICY)
+            # The critic adapter has the policy adapter's shape and starts fresh (B = 0).
+            model.add_adapter(CRITIC, copy.deepcopy(model.peft_config[POLICY]))
+            if cfg.lora.path is not None:
+                # Training continues from a trained adapter: π_ref is that adapter, frozen.
+                model.load_adapter(cfg.lora.path, adapter_name=REFERENCE, is_trainable=False)
+            hidden = loaded.model.config.get_text_config().hidden_size
+            ac = cls(model, None, None, ValueHead(hidden).to(loaded.device), loaded.tokenizer, layout)
+            ac.has_reference_adapter = cfg.lora.path is not None
+            ac._set_adapter(POLICY)
+            return ac
+        if layout == "separate":
+            if cfg.quantization != "none":
+                raise ValueError("layout 'separate' trains full models; 4-bit/8-bit weights need layout 'shared_lora'")
+            policy: LoadedModel = load_model(cfg)
+            reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+            critic = load_model(cfg, tokenizer=policy.tokenizer).model
+            critic.get_output_embeddings().requires_grad_(False)  # the critic uses hidden states only
+            hidden = policy.model.config.get_text_config().hidden_size
+            return cls(policy.model, critic, reference, ValueHead(hidden).to(policy.device), policy.tokenizer, layout)
+        raise ValueError(f"unknown layout {layout!r}; expected 'shared_lora' or 'separate'")
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.linear.weight.device
+
+    # --- adapters -----------------------------------------------------------------------------
+    def _set_adapter(self, name: str) -> None:
+        # peft's set_adapter also flips requires_grad so only the active adapter looks
+        # trainable; the optimizer holds both adapters' tensors regardless, so restore both.
+        self.policy.set_adapter(name)
+        for n, p in self.policy.named_parameters():
+            if f".{POLICY}." in n or f".{CRITIC}." in n:
+                p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def adapter(self, name: str) -> Iterator[None]:
+        """Run with one adapter active; the previous one is restored even if an exception escapes."""
+        if self.layout != "shared_lora":
+            yield
+            return
+        previous = self.policy.active_adapter
+        self._set_adapter(name)
+        try:
+            yield
+        finally:
+            self._set_adapter(previous)
+
+    @contextlib.contextmanager
+    def as_reference(self) -> Iterator[Any]:
+        """Yields the model to run as π_ref."""
+        if self.layout != "shared_lora":
+            yield self.reference
+        elif self.has_reference_adapter:
+            with self.adapter(REFERENCE):
+                yield self.policy
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+    # --- forward pieces -----------------------------------------------------------------------
+    def _decoder(self, model: Any) -> nn.Module:
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return causal.base_model
+
+    def _logits(self, model: Any, enc: Encoded) -> torch.Tensor:
+        """Logits at the positions that predict completion tokens, (B, C, V)."""
+        ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        C = ids.shape[1] - enc.prompt_width
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=C + 1).logits
+        return logits[:, :-1]
+
+    def _logprobs(self, model: Any, enc: Encoded, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self._logits(model, enc)
+        targets = enc.input_ids[:, enc.prompt_width :].to(self.device)
+        logp = token_logprobs(logits, targets, self.temperature)
+        ent = entropy_from_logits(logits.float() / self.temperature) if with_entropy else None
+        return logp, ent
+
+    def _values(self, enc: Encoded) -> torch.Tensor:
+        ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        backbone = self.critic_backbone if self.layout == "separate" else self.policy
+        hidden = self._decoder(backbone)(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
+        P = enc.prompt_width
+        return self.value_head(hidden[:, P - 1 : -1]).float()  # (B, C): state before each token
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
+        """Policy log-probs and entropy (policy adapter) and values (critic), with gradients."""
+        enc = Encoded(input_ids, attention_mask, torch.zeros_like(input_ids), prompt_width)
+        with self.adapter(POLICY):
+            logp, ent = self._logprobs(self.policy, enc, with_entropy=True)
+        with self.adapter(CRITIC):
+            values = self._values(enc)
+        return ActorCriticOutput(logp, ent, values)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def reference_logprobs(self, enc: Encoded) -> torch.Tensor:
+        with self.as_reference() as ref:
+            return self._logprobs(ref, enc, with_entropy=False)[0]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        with self.adapter(POLICY):
+            return self.policy.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs)
+
+    # --- state --------------------------------------------------------------------------------
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """What the optimizer trains: both adapters + value head (shared_lora), or the policy,
+        critic backbone and value head (separate). The reference never trains."""
+        if self.layout == "shared_lora":
+            names = [(n, p) for n, p in self.policy.named_parameters() if f".{POLICY}." in n or f".{CRITIC}." in n]
+            names = [(f"policy.{n}", p) for n, p in names]
+        else:
+            names = [(f"policy.{n}", p) for n, p in self.policy.named_parameters() if p.requires_grad]
+            names += [(f"critic_backbone.{n}", p) for n, p in self.critic_backbone.named_parameters() if p.requires_grad]
+        return names + [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+
+    def init_value_head_from_reward_model(self, path: str) -> None:
+        """Copy a trained linear BT/GRM head into the value head (Ouyang et al. 2022 init the
+        value function from the reward model)."""
+        from safetensors.torch import load_file
+
+        state = load_file(f"{path}/head.safetensors")
+        if set(state) != {"net.0.weight", "net.0.bias"}:
+            raise ValueError(f"{path}: only a linear reward head can initialise the value head (found {sorted(state)})")
+        self.value_head.linear.weight.data.copy_(state["net.0.weight"])
+        self.value_head.linear.bias.data.copy_(state["net.0.bias"])
+
+
+def dataclass_replace_lora(cfg: ModelConfig, **changes: Any) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, **changes))

@@ -1,0 +1,387 @@
+"""`rlhf ppo`: PPO for language models with a learned critic, against any reward provider.
+
+Each update: rollout (sample completions) → score (reward provider) → advantages (per-token
+KL penalty, score at the last token, GAE) → several epochs of clipped PPO on minibatches.
+The choices follow "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024) and
+Ouyang et al. 2022; each is commented where it is made. The loop runs unchanged under
+`accelerate launch` (DDP over processes; each process takes its own prompts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from policies.actor_critic import ActorCritic
+from policies.models import autocast, autocast_dtype
+from policies.text import Encoded, render_prompt
+from rewards.base import RewardProvider
+from rewards.registry import RewardConfig, build_provider
+from rlhf.config import DataConfig, LoraConfig, ModelConfig, SamplingConfig, doc, required, to_dict
+from rlhf.core import (
+    AdaptiveKLController,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_penalty,
+    masked_mean,
+    per_token_rewards,
+    ppo_policy_loss,
+    truncate_after_eos,
+    whiten,
+)
+from rlhf.data import PromptRecord, load_prompts, select_split
+from rlhf.io import atomic_write_json, atomic_write_jsonl
+from rlhf.runs import prepare_run_dir
+from rlhf.tracking import Tracker, TrackerName
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    estimator: Literal["k1", "k2", "k3"] = doc("k1", "per-token KL estimator in the reward penalty (k3 is always logged too)")
+    coef: float = doc(0.05, "initial KL coefficient β")
+    adaptive: bool = doc(False, "adapt β towards `target` (Ziegler et al. 2019 controller)")
+    target: float = doc(6.0, "target KL per sequence for the adaptive controller")
+    horizon: int = doc(10000, "controller horizon, in samples")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    model: ModelConfig = doc(ModelConfig(lora=LoraConfig(enabled=True)), "the policy (and, in shared_lora, the critic's base)")
+    layout: Literal["shared_lora", "separate"] = doc("shared_lora", "one base with policy/critic adapters (ref = adapters off), or separate full models")
+    reward: RewardConfig = required("reward provider spec, e.g. {type: bt, path: runs/rm/model}")
+    value_head_init: str | None = doc(None, "initialise the value head from this reward model's linear head")
+    prompts: DataConfig = doc(DataConfig(split="train"), "training prompts (any prompt or preference file)")
+    eval_prompts: DataConfig | None = doc(DataConfig(split="test", max_items=16), "held-out prompts scored before and after training (null: skip)")
+    sampling: SamplingConfig = doc(SamplingConfig(max_new_tokens=32, temperature=0.7), "rollout sampling")
+    max_prompt_tokens: int = doc(128, "prompts keep their last this many tokens")
+    missing_eos_penalty: float | None = doc(None, "penalty for a completion that hits max_new_tokens without EOS")
+    missing_eos_mode: Literal["subtract", "replace"] = doc("subtract", "subtract the penalty from the score, or replace the score with −penalty")
+    kl: KLConfig = doc(KLConfig(), "KL penalty against the reference policy")
+    normalize_reward: bool = doc(False, "divide scores by a running std (mean kept), Ziegler et al. 2019")
+    reward_clip: float | None = doc(None, "clip (normalized) scores to ±this")
+    gamma: float = doc(1.0, "discount γ")
+    lam: float = doc(0.95, "GAE λ")
+    whiten_advantages: bool = doc(True, "whiten advantages over each batch")
+    batch_size: int = doc(8, "prompts per rollout, per process")
+    num_minibatches: int = doc(1, "minibatches per PPO epoch")
+    grad_accum_steps: int = doc(1, "micro-batches per minibatch (gradient accumulation)")
+    ppo_epochs: int = doc(1, "passes over each rollout batch")
+    updates: int = doc(10, "PPO updates (rollout + optimisation) in the run")
+    lr: float = doc(1e-4, "learning rate (adapters or full models, and the value head)")
+    max_grad_norm: float = doc(1.0, "gradient-norm clip")
+    clip: float = doc(0.2, "policy ratio clip ε")
+    value_clip: float = doc(0.2, "value clip ε_V")
+    vf_coef: float = doc(0.1, "value-loss weight")
+    autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
+    seed: int = doc(0, "random seed")
+    output_dir: str = doc("runs/ppo", "run directory")
+    tracker: TrackerName = doc("none", "metrics.jsonl always; plus 'tensorboard' or 'wandb'")
+    checkpoint_every: int = doc(0, "checkpoint every N updates (0: only at the end)")
+    sample_every: int = doc(5, "log a table of sample completions every N updates")
+
+    def __post_init__(self) -> None:
+        if self.batch_size % (self.num_minibatches * self.grad_accum_steps):
+            raise ValueError("batch_size must be divisible by num_minibatches × grad_accum_steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One batch of experience (OpenRLHF's `Experience`). C = completion width."""
+
+    enc: Encoded  # (B, P + C) prompt (left-padded) + completion (right-padded)
+    mask: torch.Tensor  # (B, C) 1 on completion tokens up to and including the first EOS
+    logprobs: torch.Tensor  # (B, C) log π_old(a_t|s_t), at the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, C) log π_ref(a_t|s_t), same temperature
+    values: torch.Tensor  # (B, C) V_old(s_t)
+    advantages: torch.Tensor  # (B, C) Â_t (whitened)
+    returns: torch.Tensor  # (B, C) R_t = Â_t + V_old(s_t) before whitening
+    scores: torch.Tensor  # (B,) the provider's reward after EOS penalty / normalisation
+    raw_scores: torch.Tensor  # (B,) the provider's reward as returned
+    valid: torch.Tensor  # (B,) bool: the provider judged the sample
+    finished: torch.Tensor  # (B,) bool: the completion ended with EOS
+    texts: list[str]
+
+
+class RunningMoments:
+    """Running mean and std of scalars (Chan et al. parallel update)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
+        delta, total = m - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-8))
+
+
+def encode_rollout(tok: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> Encoded:
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attn = torch.cat([prompt_mask, completion_mask], dim=1)
+    comp = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1)
+    return Encoded(ids, attn, comp, prompt_ids.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: PPOConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    set_seed(cfg.seed + accelerator.process_index)  # different samples per process, reproducible
+    run_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, to_dict(cfg))
+    t0 = time.time()
+
+    ac = ActorCritic.build(dataclasses.replace(cfg.model, device=str(accelerator.device)), cfg.layout)
+    ac.temperature = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
+    if cfg.value_head_init:
+        ac.init_value_head_from_reward_model(cfg.value_head_init)
+    tok = ac.tokenizer
+    provider: RewardProvider = build_provider(cfg.reward)
+    prompts = _load_prompt_texts(cfg.prompts, tok)
+    eval_prompts = _load_prompt_records(cfg.eval_prompts) if cfg.eval_prompts else []
+
+    params = [p for _, p in ac.trainable_named_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5)  # eps 1e-5: Huang et al. 2022, "37 details", #3
+    model, optimizer = accelerator.prepare(ac, optimizer)
+    amp = autocast_dtype(cfg.autocast, accelerator.device)
+    kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+    moments = RunningMoments()
+    start = 0  # (resume: restored from a checkpoint; see rlhf.checkpoint)
+
+    tracker = Tracker(run_dir, cfg.tracker if accelerator.is_main_process else "none", to_dict(cfg), name=run_dir.name) if accelerator.is_main_process else None
+    before = evaluate_policy(ac, provider, eval_prompts, cfg) if eval_prompts and accelerator.is_main_process else None
+    bar = tqdm(range(start, cfg.updates), desc="ppo", unit="update", disable=not accelerator.is_main_process)
+    for update in bar:
+        t_update = time.time()
+        # ---- 1. rollout ------------------------------------------------------------------------
+        b_prompts = _batch_for(prompts, update, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
+        rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, amp)
+        # ---- 2. PPO epochs -----------------------------------------------------------------------
+        stats = ppo_update(model, optimizer, accelerator, rollout, cfg, amp)
+        # ---- 3. KL controller, metrics -----------------------------------------------------------
+        seq_kl = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.mask).sum(-1)  # (B,)
+        if cfg.kl.adaptive:
+            kl_ctl.update(float(accelerator.reduce(seq_kl.mean().to(accelerator.device), "mean")), cfg.batch_size * accelerator.num_processes)
+        metrics = rollout_metrics(rollout, seq_kl) | stats | {
+            "kl_coef": kl_ctl.value,
+            "tokens_per_s": float(rollout.mask.sum()) / (time.time() - t_update),
+            "seconds_per_update": time.time() - t_update,
+        }
+        metrics = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in metrics.items()}
+        if tracker is not None:
+            tracker.log(metrics, update + 1)
+            if cfg.sample_every and (update + 1) % cfg.sample_every == 0:
+                _log_samples(run_dir, update + 1, b_prompts, rollout)
+            bar.set_postfix(reward=f"{metrics['reward/raw_mean']:.3f}", kl=f"{metrics['kl/k1']:.3f}")
+
+    summary: dict[str, Any] = {"updates": cfg.updates, "wall_seconds": round(time.time() - t0, 1)}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if eval_prompts:
+            after = evaluate_policy(unwrapped, provider, eval_prompts, cfg)
+            summary["eval_before"], summary["eval_after"] = before["summary"], after["summary"]
+            atomic_write_jsonl(run_dir / "eval_samples_before.jsonl", before["samples"])
+            atomic_write_jsonl(run_dir / "eval_samples_after.jsonl", after["samples"])
+        atomic_write_json(run_dir / "summary.json", summary)
+        tracker.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[tuple[Any, str]], cfg: PPOConfig, kl_coef: float, moments: RunningMoments, amp: torch.dtype | None) -> Rollout:
+    tok = ac.tokenizer
+    texts = [t for _, t in b_prompts]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids, prompt_mask = batch["input_ids"][:, -cfg.max_prompt_tokens :], batch["attention_mask"][:, -cfg.max_prompt_tokens :]
+    ac.eval()  # dropout off in every model: rollout and update log-probs must agree (Huang et al. 2024)
+    with autocast(ac.device, amp):
+        out = ac.generate(
+            prompt_ids, prompt_mask,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            do_sample=cfg.sampling.temperature > 0,
+            temperature=cfg.sampling.temperature if cfg.sampling.temperature > 0 else None,
+            top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        ).cpu()
+    # Keep tokens up to the first EOS; later ones are padding and never scored or trained.
+    completion, mask, finished = truncate_after_eos(out[:, prompt_ids.shape[1] :], tok.eos_token_id, tok.pad_token_id)
+    completion_texts = tok.batch_decode(completion, skip_special_tokens=True)
+    enc = encode_rollout(tok, prompt_ids, prompt_mask, completion, mask)
+
+    result = provider.score([p for p, _ in b_prompts], completion_texts)
+    raw = result.rewards.clone()
+    scores = raw.clone()
+    if cfg.missing_eos_penalty is not None:
+        # A completion cut at max_new_tokens is penalised (Huang et al. 2024, detail on EOS trick):
+        # subtract a penalty, or replace the score by −penalty; the choice is explicit.
+        if cfg.missing_eos_mode == "subtract":
+            scores = torch.where(finished, scores, scores - cfg.missing_eos_penalty)
+        else:
+            scores = torch.where(finished, scores, torch.full_like(scores, -cfg.missing_eos_penalty))
+    if cfg.normalize_reward:
+        moments.update(scores[result.valid])
+        scores = (scores - moments.mean) / moments.std + moments.mean
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    scores = torch.where(result.valid, scores, torch.zeros_like(scores))  # an unjudged sample earns 0
+
+    with torch.no_grad(), autocast(ac.device, amp):
+        old = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
+        ref_logprobs = ac.reference_logprobs(enc)
+    m = mask.to(ac.device).float()
+    logprobs, values = old.logprobs.float() * m, old.values.float() * m
+    ref_logprobs = ref_logprobs.float() * m
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl.estimator)
+    rewards = per_token_rewards(scores.to(ac.device), kl, m, kl_coef)
+    advantages, returns = gae(rewards, values, m, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, m)
+    return Rollout(enc, mask, logprobs.cpu(), ref_logprobs.cpu(), values.cpu(), advantages.cpu(), returns.cpu(),
+                   scores, raw, result.valid, finished, completion_texts)
+
+
+def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, ro: Rollout, cfg: PPOConfig, amp: torch.dtype | None) -> dict[str, float]:
+    unwrapped = accelerator.unwrap_model(model)
+    B = ro.mask.shape[0]
+    mb_size = B // cfg.num_minibatches
+    micro = mb_size // cfg.grad_accum_steps
+    sums: dict[str, float] = {}
+    n = 0
+    for _epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B).tolist()
+        for mb_start in range(0, B, mb_size):
+            mb_idx = perm[mb_start : mb_start + mb_size]
+            for mi in range(0, mb_size, micro):
+                idx = mb_idx[mi : mi + micro]
+                # Under DDP, synchronise gradients only on the minibatch's last micro-batch.
+                last = mi + micro >= mb_size
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    out_stats = _micro_step(model, unwrapped, ro, idx, cfg, amp, accelerator)
+                for k, v in out_stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+            grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * cfg.grad_accum_steps
+    return {k: v / n for k, v in sums.items()}
+
+
+def _micro_step(model: Any, unwrapped: ActorCritic, ro: Rollout, idx: list[int], cfg: PPOConfig, amp: torch.dtype | None, accelerator: Any) -> dict[str, float]:
+    dev = unwrapped.device
+    enc = ro.enc
+    ids, attn = enc.input_ids[idx].to(dev), enc.attention_mask[idx].to(dev)
+    m = ro.mask[idx].to(dev).float()
+    with autocast(dev, amp):
+        out = model(ids, attn, enc.prompt_width)
+    logp, values = out.logprobs.float(), out.values.float()
+    pg = ppo_policy_loss(logp, ro.logprobs[idx].to(dev), ro.advantages[idx].to(dev), m, cfg.clip)
+    vf_loss, vf_clip = clipped_value_loss(values, ro.values[idx].to(dev), ro.returns[idx].to(dev), m, cfg.value_clip)
+    loss = pg.loss + cfg.vf_coef * vf_loss
+    accelerator.backward(loss / cfg.grad_accum_steps)
+    return {
+        "loss/policy": float(pg.loss.detach()), "loss/value": float(vf_loss.detach()), "policy/clip_fraction": float(pg.clip_fraction),
+        "policy/approx_kl": float(pg.approx_kl), "value/clip_fraction": float(vf_clip),
+        "policy/entropy": float(masked_mean(out.entropy.detach().float(), m)),
+        "value/explained_variance": float(explained_variance(ro.values[idx].to(dev), ro.returns[idx].to(dev), m)),
+    }
+
+
+def rollout_metrics(ro: Rollout, seq_kl: torch.Tensor) -> dict[str, float]:
+    k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * ro.mask).sum(-1)
+    return {
+        "reward/raw_mean": float(ro.raw_scores[ro.valid].mean()) if ro.valid.any() else float("nan"),
+        "reward/score_mean": float(ro.scores.mean()),
+        "reward/invalid_fraction": float((~ro.valid).float().mean()),
+        "kl/k1": float(seq_kl.mean()),
+        "kl/k3": float(k3.mean()),
+        "response/length": float(ro.mask.sum(-1).float().mean()),
+        "response/no_eos_fraction": float((~ro.finished).float().mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_prompt_records(cfg: DataConfig) -> list[PromptRecord]:
+    loaded = load_prompts(cfg.path, skip_invalid=cfg.skip_invalid)
+    items = select_split(loaded.items, cfg.split, cfg.test_fraction)
+    if cfg.max_items is not None:
+        items = items[: cfg.max_items]
+    if not items:
+        raise ValueError(f"{cfg.path}: no prompts in the '{cfg.split}' split")
+    return items
+
+
+def _load_prompt_texts(cfg: DataConfig, tok: Any) -> list[tuple[Any, str]]:
+    return [(r.prompt, render_prompt(tok, r.prompt)) for r in _load_prompt_records(cfg)]
+
+
+def _batch_for(prompts: list[tuple[Any, str]], update: int, batch_size: int, rank: int, world: int) -> list[tuple[Any, str]]:
+    """The prompts of `update` for process `rank`: a deterministic walk through a fixed shuffle,
+    so a resumed run sees exactly the prompts an uninterrupted one would."""
+    order = list(range(len(prompts)))
+    random.Random(0).shuffle(order)
+    start = (update * world + rank) * batch_size
+    return [prompts[order[(start + i) % len(order)]] for i in range(batch_size)]
+
+
+@torch.no_grad()
+def evaluate_policy(ac: ActorCritic, provider: RewardProvider, records: list[PromptRecord], cfg: PPOConfig) -> dict[str, Any]:
+    """Sample one completion per held-out prompt with the rollout settings (fixed seed, so the
+    before/after comparison sees the same noise), score it with the provider, and measure the
+    sequence KL Σ_t k1 from the reference."""
+    items = [(r.prompt, render_prompt(ac.tokenizer, r.prompt)) for r in records]
+    amp = autocast_dtype(cfg.autocast, ac.device)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(1234)  # the same sampling noise before and after training
+    rewards, kls, samples = [], [], []
+    for i in range(0, len(items), cfg.batch_size):
+        ro = collect_rollout(ac, provider, items[i : i + cfg.batch_size], cfg, 0.0, RunningMoments(), amp)
+        seq_kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * ro.mask).sum(-1)
+        rewards.append(ro.raw_scores)
+        kls.append(seq_kl)
+        samples += [{"prompt": p, "completion": t, "reward": float(r)} for (p, _), t, r in zip(items[i : i + cfg.batch_size], ro.texts, ro.raw_scores)]
+    torch.random.set_rng_state(state)
+    r, k = torch.cat(rewards), torch.cat(kls)
+    return {"summary": {"reward_mean": float(r.mean()), "kl_mean": float(k.mean()), "prompts": len(items)}, "samples": samples}
+
+
+def _log_samples(run_dir: Path, update: int, b_prompts: list[tuple[Any, str]], ro: Rollout) -> None:
+    import json
+
+    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
+        for (p, _), text, score in zip(b_prompts, ro.texts, ro.raw_scores.tolist()):
+            fh.write(json.dumps({"update": update, "prompt": p, "completion": text, "reward": score}, ensure_ascii=False) + "\n")
+
+
+__all__ = ["PPOConfig", "KLConfig", "run", "collect_rollout", "ppo_update", "Rollout", "RunningMoments"]

@@ -1,0 +1,97 @@
+"""The PPO loop on a tiny model: it trains what it should, leaves the reference alone, and the
+adapter switch restores state even when an exception escapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from policies.actor_critic import CRITIC, POLICY, ActorCritic
+from rlhf.config import LoraConfig, ModelConfig, load_config
+from rlhf.ppo import PPOConfig, run
+
+from conftest import HH_TEST
+
+
+def tiny_ppo_cfg(tiny_llama_dir, tmp_path, *extra):
+    return load_config(PPOConfig, None, [
+        f"model.name={tiny_llama_dir}", "model.lora.r=4",
+        "reward={type: function, path: 'reward_fns:length_reward'}",
+        f"prompts.path={HH_TEST}", f"eval_prompts.path={HH_TEST}", "eval_prompts.max_items=2",
+        "updates=2", "batch_size=4", "sampling.max_new_tokens=6", f"output_dir={tmp_path / 'run'}",
+        "autocast=none", "sample_every=1", "lr=1e-2", *extra,
+    ])
+
+
+def test_adapter_switch_restores_on_exception(tiny_llama_dir):
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
+    assert ac.policy.active_adapter == POLICY
+    with pytest.raises(RuntimeError):
+        with ac.adapter(CRITIC):
+            assert ac.policy.active_adapter == CRITIC
+            raise RuntimeError("boom")
+    assert ac.policy.active_adapter == POLICY
+    # Both adapters stay trainable whichever is active (peft's set_adapter would freeze one).
+    names = [n for n, p in ac.trainable_named_parameters()]
+    assert any(f".{POLICY}." in n for n in names) and any(f".{CRITIC}." in n for n in names)
+    assert all(p.requires_grad for _, p in ac.trainable_named_parameters())
+
+
+def test_reference_logprobs_are_the_base_model(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from policies.text import encode_completions, sequence_logprob
+
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
+    with torch.no_grad():
+        for n, p in ac.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    enc = encode_completions(ac.tokenizer, ["Hello there"], ["General Kenobi"], add_eos=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    expected = sequence_logprob(base, enc)
+    assert torch.allclose(ac.reference_logprobs(enc).sum(-1), expected, atol=1e-4)
+    out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
+    assert not torch.allclose(out.logprobs.sum(-1), expected, atol=1e-3)  # the policy adapter matters
+    assert out.values.shape == out.logprobs.shape
+
+
+@pytest.mark.parametrize("layout", ["shared_lora", "separate"])
+def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout):
+    extra = ["layout=separate", "model.lora.enabled=false"] if layout == "separate" else []
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, *extra)
+    torch.manual_seed(0)
+    before = ActorCritic.build(cfg.model, layout)
+    init = {n: p.detach().clone() for n, p in before.trainable_named_parameters()}
+    captured = {}
+    import rlhf.ppo as ppo_mod
+
+    real_update = ppo_mod.ppo_update
+
+    def spy(model, optimizer, accelerator, ro, c, amp):
+        out = real_update(model, optimizer, accelerator, ro, c, amp)
+        captured["model"] = accelerator.unwrap_model(model)
+        return out
+
+    ppo_mod.ppo_update = spy
+    try:
+        torch.manual_seed(0)
+        summary = run(cfg)
+    finally:
+        ppo_mod.ppo_update = real_update
+    trained = dict(captured["model"].trainable_named_parameters())
+    assert init.keys() == trained.keys()
+    unchanged = [n for n in init if torch.equal(init[n], trained[n].detach())]
+    assert not unchanged, unchanged[:5]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward/raw_mean", "kl/k1", "kl/k3", "policy/entropy", "policy/clip_fraction", "loss/value",
+                "value/explained_variance", "policy/approx_kl", "response/length", "response/no_eos_fraction",
+                "tokens_per_s", "reward/invalid_fraction", "kl_coef"):
+        assert key in metrics[-1], key
+    assert metrics[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert metrics[-1]["kl/k3"] >= 0
+    assert summary["eval_before"]["prompts"] == 2 and "reward_mean" in summary["eval_after"]
+    assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 8
