@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", nargs="?", help="YAML recipe (defaults apply to keys it leaves out)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key")
         p.add_argument("-h", "--help", action="store_true", help="show this help and the recipe keys")
+        if name == "ppo":
+            p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
         p.set_defaults(handler=_run_recipe, recipe_command=name, subparser=p)
 
     p = sub.add_parser("models", help="list known model aliases; convert the embedded default")
@@ -105,6 +107,8 @@ def _run_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe:  # no recipe, only overrides
         recipe, overrides = None, [recipe, *overrides]
+    if getattr(args, "resume", None):
+        overrides += [f"output_dir={args.resume}", "resume=true"]
     cfg = load_config(cfg_cls, recipe, overrides)
     run(cfg)
     return 0

@@ -27,6 +27,7 @@ from policies.text import Encoded, render_prompt
 from rewards.base import RewardProvider
 from rewards.registry import RewardConfig, build_provider
 from rlhf.config import DataConfig, LoraConfig, ModelConfig, SamplingConfig, doc, required, to_dict
+from rlhf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.core import (
     AdaptiveKLController,
     clipped_value_loss,
@@ -87,6 +88,7 @@ class PPOConfig:
     output_dir: str = doc("runs/ppo", "run directory")
     tracker: TrackerName = doc("none", "metrics.jsonl always; plus 'tensorboard' or 'wandb'")
     checkpoint_every: int = doc(0, "checkpoint every N updates (0: only at the end)")
+    resume: bool = doc(False, "continue from the latest checkpoint in output_dir (CLI: --resume RUN_DIR)")
     sample_every: int = doc(5, "log a table of sample completions every N updates")
 
     def __post_init__(self) -> None:
@@ -173,10 +175,23 @@ def run(cfg: PPOConfig) -> dict:
     amp = autocast_dtype(cfg.autocast, accelerator.device)
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     moments = RunningMoments()
-    start = 0  # (resume: restored from a checkpoint; see rlhf.checkpoint)
+    named = ac.trainable_named_parameters()
+    start = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+        state = load_checkpoint(ckpt, named, optimizer, rank=accelerator.process_index)
+        start, kl_ctl.value = state["update"], state["kl_coef"]
+        moments.mean, moments.var, moments.count = state["reward_moments"]
+        if accelerator.is_main_process:
+            print(f"resuming from {ckpt} at update {start}")
 
-    tracker = Tracker(run_dir, cfg.tracker if accelerator.is_main_process else "none", to_dict(cfg), name=run_dir.name) if accelerator.is_main_process else None
-    before = evaluate_policy(ac, provider, eval_prompts, cfg) if eval_prompts and accelerator.is_main_process else None
+    tracker = None
+    if accelerator.is_main_process:
+        tracker = Tracker(run_dir, cfg.tracker, to_dict(cfg), name=run_dir.name)
+        tracker.truncate_after(start)  # drop lines a killed run logged after its last checkpoint
+    before = _eval_before(ac, provider, eval_prompts, cfg, run_dir) if eval_prompts and accelerator.is_main_process else None
     bar = tqdm(range(start, cfg.updates), desc="ppo", unit="update", disable=not accelerator.is_main_process)
     for update in bar:
         t_update = time.time()
@@ -200,6 +215,10 @@ def run(cfg: PPOConfig) -> dict:
             if cfg.sample_every and (update + 1) % cfg.sample_every == 0:
                 _log_samples(run_dir, update + 1, b_prompts, rollout)
             bar.set_postfix(reward=f"{metrics['reward/raw_mean']:.3f}", kl=f"{metrics['kl/k1']:.3f}")
+        done = update + 1
+        if done == cfg.updates or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            state = {"kl_coef": kl_ctl.value, "reward_moments": [moments.mean, moments.var, moments.count]}
+            save_checkpoint(run_dir, done, named, optimizer, state, accelerator)
 
     summary: dict[str, Any] = {"updates": cfg.updates, "wall_seconds": round(time.time() - t0, 1)}
     if accelerator.is_main_process:
@@ -330,6 +349,19 @@ def rollout_metrics(ro: Rollout, seq_kl: torch.Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # Prompts and evaluation
 # ----------------------------------------------------------------------------------------------
+
+
+def _eval_before(ac: ActorCritic, provider: RewardProvider, records: list[PromptRecord], cfg: PPOConfig, run_dir: Path) -> dict[str, Any]:
+    """The starting policy's evaluation, computed once and kept, so a resumed run reports the
+    same 'before' as an uninterrupted one."""
+    import json
+
+    path = run_dir / "eval_before.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = evaluate_policy(ac, provider, records, cfg)
+    atomic_write_json(path, result)
+    return result
 
 
 def _load_prompt_records(cfg: DataConfig) -> list[PromptRecord]:

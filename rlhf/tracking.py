@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf.io import atomic_write_text
+
 TrackerName = Literal["none", "tensorboard", "wandb"]
 
 
@@ -32,6 +34,16 @@ class Tracker:
             if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
                 os.environ["WANDB_MODE"] = "offline"
             self._wandb = wandb.init(dir=str(self.run_dir), config=config or {}, name=name, reinit="finish_previous")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics.jsonl lines with a step above `step` (a resumed run logs them again)."""
+        path = self.run_dir / "metrics.jsonl"
+        self._jsonl.close()
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
+        self._jsonl = open(path, "a", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
