@@ -220,7 +220,7 @@ def run(cfg: PPOConfig) -> dict:
             state = {"kl_coef": kl_ctl.value, "reward_moments": [moments.mean, moments.var, moments.count]}
             save_checkpoint(run_dir, done, named, optimizer, state, accelerator)
 
-    summary: dict[str, Any] = {"updates": cfg.updates, "wall_seconds": round(time.time() - t0, 1)}
+    summary: dict[str, Any] = {"updates": cfg.updates, "processes": accelerator.num_processes, "wall_seconds": round(time.time() - t0, 1)}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if eval_prompts:
