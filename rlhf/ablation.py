@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rewards.function import FunctionReward
 from rewards.reward_model import RewardModelProvider, load_reward_model
 from rlhf import train_rm
 from rlhf.config import DataConfig, doc, doc_factory, required, to_dict
@@ -60,6 +61,7 @@ class AblationConfig:
     variants: tuple[Variant, ...] = doc_factory(_default_variants, "reward-model variants to train and compare")
     eval_sets: tuple[EvalSet, ...] = doc_factory(_default_eval_sets, "evaluation sets (subsets get their own columns)")
     output_dir: str = doc("runs/reward_ablation", "run directory: one sub-directory per variant, plus the table and chart")
+    length_baseline: bool = doc(True, "add a row for the heuristic 'the shorter completion is preferred' (no training)")
     eval_batch_size: int = doc(16, "rows scored per forward pass during evaluation")
 
 
@@ -98,6 +100,12 @@ def run(cfg: AblationConfig) -> dict:
             "train": json.loads((vdir / "summary.json").read_text()),
             "eval": json.loads((vdir / "eval.json").read_text()),
         }
+    if cfg.length_baseline:
+        # A reward model that only learned a length preference scores like this row: it shows how
+        # much of a variant's accuracy a length heuristic alone explains, in and out of distribution.
+        shorter = FunctionReward(shorter_is_better, name=SHORTER)
+        results[SHORTER] = {"train": {"train_pairs": 0, "train_seconds": 0.0},
+                            "eval": {name: evaluate_pairs(shorter, pairs) for name, pairs in eval_pairs.items()}}
     columns = result_columns(results)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown_table(results, columns))
@@ -105,6 +113,14 @@ def run(cfg: AblationConfig) -> dict:
     print(markdown_table(results, columns))
     print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({time.time() - t0:.0f}s)")
     return results
+
+
+SHORTER = "(heuristic) shorter wins"
+
+
+def shorter_is_better(prompts: list, completions: list[str], **_: object) -> list[float]:
+    """r = −(characters in the completion)."""
+    return [-float(len(c)) for c in completions]
 
 
 def result_columns(results: dict[str, dict]) -> list[tuple[str, str]]:
@@ -128,7 +144,9 @@ def markdown_table(results: dict[str, dict], columns: list[tuple[str, str]]) -> 
     lines.append("|---" + "|---:|---:" * len(overall) + "|---:|---:|")
     for variant, r in results.items():
         cells = " | ".join(f"{r['eval'][n]['all']['mean_margin']:.3f} | {r['eval'][n]['all']['ece']:.3f}" for n, _ in overall)
-        lines.append(f"| {variant} | {cells} | {r['train']['train_pairs']} | {r['train']['train_seconds']:.0f} |")
+        trained = r["train"]["train_pairs"] > 0
+        pairs_cell, secs_cell = (r["train"]["train_pairs"], f"{r['train']['train_seconds']:.0f}") if trained else ("–", "–")
+        lines.append(f"| {variant} | {cells} | {pairs_cell} | {secs_cell} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +164,8 @@ def bar_chart_png(results: dict[str, dict], columns: list[tuple[str, str]]) -> b
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(columns) + 2), 4))
     for i, v in enumerate(variants):
         xs = [c + (i - (len(variants) - 1) / 2) * width for c in range(len(columns))]
-        ax.bar(xs, [results[v]["eval"][n][s]["accuracy"] for n, s in columns], width, label=v)
+        style = {"color": "lightgrey", "hatch": "//", "edgecolor": "grey"} if v == SHORTER else {}
+        ax.bar(xs, [results[v]["eval"][n][s]["accuracy"] for n, s in columns], width, label=v, **style)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(columns)), [_label(n, s) for n, s in columns], rotation=20, ha="right")
     ax.set_ylabel("pairwise accuracy")

@@ -41,7 +41,8 @@ from rlhf.core import (
     whiten,
 )
 from rlhf.data import PromptRecord, load_prompts, select_split
-from rlhf.io import atomic_write_json, atomic_write_jsonl
+from rlhf.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from rlhf.plots import plot_metrics
 from rlhf.runs import prepare_run_dir
 from rlhf.tracking import Tracker, TrackerName
 
@@ -230,6 +231,8 @@ def run(cfg: PPOConfig) -> dict:
             atomic_write_jsonl(run_dir / "eval_samples_after.jsonl", after["samples"])
         atomic_write_json(run_dir / "summary.json", summary)
         tracker.close()
+        png = plot_metrics(run_dir / "metrics.jsonl", ["reward/raw_mean", "kl/k1", "kl/k3"], title=f"PPO: {run_dir.name}")
+        atomic_write_bytes(run_dir / "reward_kl.png", png)
     accelerator.wait_for_everyone()
     return summary
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from rlhf.ablation import AblationConfig, EvalSet, Variant, run
@@ -28,10 +29,15 @@ def test_ablation_writes_table_chart_and_resumes(tiny_llama_dir, tmp_path, capsy
     torch.manual_seed(0)
     results = run(cfg)
     out = tmp_path / "abl"
-    assert set(results) == {"BT", "GRM-sft"}
+    assert set(results) == {"BT", "GRM-sft", "(heuristic) shorter wins"}
     # Same data and budget for every variant.
-    assert {r["train"]["steps"] for r in results.values()} == {2}
-    assert {r["train"]["train_pairs"] for r in results.values()} == {32}
+    trained = [r for name, r in results.items() if not name.startswith("(heuristic)")]
+    assert {r["train"]["steps"] for r in trained} == {2}
+    assert {r["train"]["train_pairs"] for r in trained} == {32}
+    # The heuristic row is exactly "fraction of pairs whose chosen side is shorter" (ties half).
+    rows = [json.loads(line) for line in open(ood)]
+    expected = sum(1.0 if len(r["chosen"]) < len(r["rejected"]) else 0.5 if len(r["chosen"]) == len(r["rejected"]) else 0.0 for r in rows) / len(rows)
+    assert results["(heuristic) shorter wins"]["eval"]["ood"]["all"]["accuracy"] == pytest.approx(expected)
     table = (out / "results.md").read_text()
     for label in ("| BT |", "| GRM-sft |", "toy (32)", "ood (12)", "ood a (6)", "ood b (6)"):
         assert label in table, label

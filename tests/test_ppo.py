@@ -95,3 +95,5 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert metrics[-1]["kl/k3"] >= 0
     assert summary["eval_before"]["prompts"] == 2 and "reward_mean" in summary["eval_after"]
     assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 8
+    assert (tmp_path / "run" / "reward_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "run" / "eval_samples_after.jsonl").read_text().splitlines()) == 2
