@@ -268,7 +268,8 @@ def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[t
         else:
             scores = torch.where(finished, scores, torch.full_like(scores, -cfg.missing_eos_penalty))
     if cfg.normalize_reward:
-        moments.update(scores[result.valid])
+        if result.valid.any():  # a batch the provider could not judge at all leaves the moments alone
+            moments.update(scores[result.valid])
         scores = (scores - moments.mean) / moments.std + moments.mean
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
