@@ -38,6 +38,10 @@ RECIPE_COMMANDS: dict[str, RecipeCommand] = {
         "train a policy with PPO against any reward provider",
         "rlhf.ppo:PPOConfig:run",
     ),
+    "pipeline": RecipeCommand(
+        "train a reward model, then PPO against it (the quickstart's shape)",
+        "rlhf.pipeline:PipelineConfig:run",
+    ),
     "reward-ablation": RecipeCommand(
         "train BT and GRM variants on the same budget; compare them in- and out-of-distribution",
         "rlhf.ablation:AblationConfig:run",

@@ -199,16 +199,21 @@ def run(cfg: PPOConfig) -> dict:
         # ---- 1. rollout ------------------------------------------------------------------------
         b_prompts = _batch_for(prompts, update, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
         rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, amp)
+        t_train = time.time()
         # ---- 2. PPO epochs -----------------------------------------------------------------------
         stats = ppo_update(model, optimizer, accelerator, rollout, cfg, amp)
+        t_done = time.time()
         # ---- 3. KL controller, metrics -----------------------------------------------------------
         seq_kl = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.mask).sum(-1)  # (B,)
         if cfg.kl.adaptive:
             kl_ctl.update(float(accelerator.reduce(seq_kl.mean().to(accelerator.device), "mean")), cfg.batch_size * accelerator.num_processes)
         metrics = rollout_metrics(rollout, seq_kl) | stats | {
             "kl_coef": kl_ctl.value,
-            "tokens_per_s": float(rollout.mask.sum()) / (time.time() - t_update),
-            "seconds_per_update": time.time() - t_update,
+            "tokens_per_s": float(rollout.mask.sum()) / (t_done - t_update),
+            "seconds_per_update": t_done - t_update,
+            "time/rollout_s": t_train - t_update,  # generation, scoring, reference/old log-probs, values
+            "time/train_s": t_done - t_train,  # the PPO epochs
+            "response/prompt_tokens": float(rollout.enc.attention_mask[:, : rollout.enc.prompt_width].sum(-1).float().mean()),
         }
         metrics = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in metrics.items()}
         if tracker is not None:
