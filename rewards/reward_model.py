@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from policies.models import autocast, autocast_dtype, load_model, resolve_device
+from policies.models import autocast, autocast_dtype, load_model
 from policies.text import Encoded, encode_completions, render_prompt
 from rewards.base import RewardProvider, RewardResult
 from rlhf.config import LoraConfig, ModelConfig, doc

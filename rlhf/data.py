@@ -52,6 +52,7 @@ __all__ = [
     "prompt_key",
     "split_by_prompt",
     "select_split",
+    "load_split",
     "summarize_pairs",
 ]
 
@@ -745,6 +746,32 @@ def select_split(
         return list(items)
     train, test = split_by_prompt(items, test_fraction, salt)
     return train if split == "train" else test
+
+
+def load_split(
+    path: str | os.PathLike[str],
+    *,
+    kind: str = "pairs",
+    split: str = "all",
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    max_items: int | None = None,
+    skip_invalid: bool = False,
+) -> list[Any]:
+    """Pairs (`kind="pairs"`) or prompts (`kind="prompts"`) from one side of the prompt-hash
+    split, at most `max_items` in file order. Skipped rows are reported on stderr; an empty
+    selection is an error. Takes exactly the fields of `rlhf.config.DataConfig`."""
+    import sys
+
+    loader = {"pairs": load_pairs, "prompts": load_prompts}[kind]
+    loaded = loader(path, skip_invalid=skip_invalid)
+    if loaded.skipped:
+        print(f"{path}: skipped {len(loaded.skipped)} invalid rows (first: {loaded.skipped[0]})", file=sys.stderr)
+    items = select_split(loaded.items, split, test_fraction)
+    if max_items is not None:
+        items = items[:max_items]
+    if not items:
+        raise DataError(str(path), f"the '{split}' side of the split (test_fraction {test_fraction}) is empty")
+    return items
 
 
 def summarize_pairs(

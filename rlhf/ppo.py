@@ -40,7 +40,7 @@ from rlhf.core import (
     truncate_after_eos,
     whiten,
 )
-from rlhf.data import PromptRecord, load_prompts, select_split
+from rlhf.data import PromptRecord, load_split
 from rlhf.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from rlhf.plots import plot_metrics
 from rlhf.runs import prepare_run_dir
@@ -374,13 +374,7 @@ def _eval_before(ac: ActorCritic, provider: RewardProvider, records: list[Prompt
 
 
 def _load_prompt_records(cfg: DataConfig) -> list[PromptRecord]:
-    loaded = load_prompts(cfg.path, skip_invalid=cfg.skip_invalid)
-    items = select_split(loaded.items, cfg.split, cfg.test_fraction)
-    if cfg.max_items is not None:
-        items = items[: cfg.max_items]
-    if not items:
-        raise ValueError(f"{cfg.path}: no prompts in the '{cfg.split}' split")
-    return items
+    return load_split(kind="prompts", **dataclasses.asdict(cfg))
 
 
 def _load_prompt_texts(cfg: DataConfig, tok: Any) -> list[tuple[Any, str]]:

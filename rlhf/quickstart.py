@@ -9,6 +9,7 @@ directory.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from policies.models import load_model
 from policies.text import encode_completions, generate, render_prompt, sequence_logprob
 from rlhf.core import pairwise_accuracy
 from rlhf.config import DataConfig, ModelConfig, SamplingConfig, doc, to_dict
-from rlhf.data import load_pairs, select_split
+from rlhf.data import load_split
 from rlhf.io import atomic_write_json, atomic_write_jsonl
 from rlhf.runs import prepare_run_dir, seed_everything
 
@@ -46,14 +47,7 @@ def run(cfg: QuickstartConfig) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     print(f"model: {cfg.model.name} from {loaded.path} on {loaded.device} ({time.time() - t0:.1f}s)")
 
-    data = load_pairs(cfg.data.path, skip_invalid=cfg.data.skip_invalid)
-    pairs = select_split(data.items, cfg.data.split, cfg.data.test_fraction)
-    if cfg.data.max_items is not None:
-        pairs = pairs[: cfg.data.max_items]
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} invalid rows; first: {data.skipped[0]}")
-    if not pairs:
-        raise ValueError(f"{cfg.data.path}: the '{cfg.data.split}' split is empty")
+    pairs = load_split(kind="pairs", **dataclasses.asdict(cfg.data))
     print(f"data: {len(pairs)} pairs in the '{cfg.data.split}' split of {cfg.data.path}")
 
     # 1. Answer a few prompts.

@@ -9,6 +9,7 @@ neither is reachable through it. The loop below is short and reads top to bottom
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from policies.models import autocast, autocast_dtype, count_parameters
 from rewards.reward_model import HeadType, RewardModel, RewardModelProvider, new_reward_model
 from rlhf.config import DataConfig, LoraConfig, ModelConfig, doc, to_dict
 from rlhf.core import bt_loss, grm_loss, grm_regularizer, pairwise_accuracy
-from rlhf.data import DataError, PreferencePair, load_pairs, select_split
+from rlhf.data import PreferencePair, load_split
 from rlhf.evaluation import evaluate_pairs
 from rlhf.io import atomic_write_json
 from rlhf.runs import prepare_run_dir, seed_everything
@@ -70,15 +71,7 @@ class TrainRMConfig:
 
 
 def load_split_pairs(cfg: DataConfig) -> list[PreferencePair]:
-    loaded = load_pairs(cfg.path, skip_invalid=cfg.skip_invalid)
-    if loaded.skipped:
-        print(f"{cfg.path}: skipped {len(loaded.skipped)} invalid rows (first: {loaded.skipped[0]})")
-    pairs = select_split(loaded.items, cfg.split, cfg.test_fraction)
-    if cfg.max_items is not None:
-        pairs = pairs[: cfg.max_items]
-    if not pairs:
-        raise DataError(cfg.path, f"the '{cfg.split}' side of the split (test_fraction {cfg.test_fraction}) is empty")
-    return pairs
+    return load_split(kind="pairs", **dataclasses.asdict(cfg))
 
 
 def pair_losses(rm: RewardModel, batch: list[PreferencePair], cfg: TrainRMConfig) -> dict[str, torch.Tensor]:
