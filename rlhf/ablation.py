@@ -143,8 +143,9 @@ def markdown_table(results: dict[str, dict], columns: list[tuple[str, str]]) -> 
     lines.append("| variant | " + " | ".join(f"{n} margin | {n} ECE" for n, _ in overall) + " | train pairs | train s |")
     lines.append("|---" + "|---:|---:" * len(overall) + "|---:|---:|")
     for variant, r in results.items():
-        cells = " | ".join(f"{r['eval'][n]['all']['mean_margin']:.3f} | {r['eval'][n]['all']['ece']:.3f}" for n, _ in overall)
         trained = r["train"]["train_pairs"] > 0
+        # A heuristic's scores (characters) have no reward scale: its margin and ECE mean nothing.
+        cells = " | ".join(f"{r['eval'][n]['all']['mean_margin']:.3f} | {r['eval'][n]['all']['ece']:.3f}" if trained else "– | –" for n, _ in overall)
         pairs_cell, secs_cell = (r["train"]["train_pairs"], f"{r['train']['train_seconds']:.0f}") if trained else ("–", "–")
         lines.append(f"| {variant} | {cells} | {pairs_cell} | {secs_cell} |")
     return "\n".join(lines) + "\n"
