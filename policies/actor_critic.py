@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from policies.models import LoadedModel, apply_lora, load_model
+from policies.models import LoadedModel, apply_lora, final_hidden_states, load_model
 from policies.text import Encoded
 from rlhf.config import ModelConfig
 from rlhf.core import entropy_from_logits, position_ids, token_logprobs
@@ -131,10 +131,6 @@ class ActorCritic(nn.Module):
                 yield self.policy
 
     # --- forward pieces -----------------------------------------------------------------------
-    def _decoder(self, model: Any) -> nn.Module:
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return causal.base_model
-
     def _logits(self, model: Any, enc: Encoded) -> torch.Tensor:
         """Logits at the positions that predict completion tokens, (B, C, V)."""
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
@@ -152,7 +148,7 @@ class ActorCritic(nn.Module):
     def _values(self, enc: Encoded) -> torch.Tensor:
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
         backbone = self.critic_backbone if self.layout == "separate" else self.policy
-        hidden = self._decoder(backbone)(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
+        hidden = final_hidden_states(backbone, ids, attn)
         P = enc.prompt_width
         return self.value_head(hidden[:, P - 1 : -1]).float()  # (B, C): state before each token
 

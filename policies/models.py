@@ -137,6 +137,21 @@ def apply_lora(model: Any, cfg: LoraConfig, *, quantized: bool = False, adapter_
     return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
 
 
+def unwrap_causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside a peft wrapper (or the model itself). peft's LoRA layers
+    live inside it, so calling its parts still applies the active adapter."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states (B, T, D) of a causal LM (peft-wrapped or not), without running
+    its LM head; positions restart at each row's first real token (left padding)."""
+    from rlhf.core import position_ids
+
+    decoder = unwrap_causal_lm(model).base_model
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).last_hidden_state
+
+
 def _linear_leaf_names(model: Any) -> list[str]:
     """Leaf names of the Linear layers inside the model's transformer blocks (what peft's
     'all-linear' selects): every nn.Linear (bitsandbytes layers subclass it) but the LM head."""

@@ -22,11 +22,11 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from policies.models import autocast, autocast_dtype, load_model
+from policies.models import autocast, autocast_dtype, final_hidden_states, load_model, unwrap_causal_lm
 from policies.text import Encoded, encode_completions, render_prompt
 from rewards.base import RewardProvider, RewardResult
 from rlhf.config import LoraConfig, ModelConfig, doc
-from rlhf.core import last_token_index, masked_sum, position_ids, token_logprobs
+from rlhf.core import last_token_index, masked_sum, token_logprobs
 from rlhf.data import Prompt
 from rlhf.io import atomic_write_json
 
@@ -104,12 +104,7 @@ class RewardModel(nn.Module):
 
     @property
     def causal_lm(self) -> Any:
-        return self.lm.get_base_model() if self.is_peft else self.lm
-
-    @property
-    def decoder(self) -> nn.Module:
-        """The transformer without its LM head (peft's LoRA layers live inside it)."""
-        return self.causal_lm.base_model
+        return unwrap_causal_lm(self.lm)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -120,11 +115,10 @@ class RewardModel(nn.Module):
         return self.head.bias.device
 
     # --- forward pieces ----------------------------------------------------------------------
-    def hidden_states(self, enc: Encoded, decoder: nn.Module | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, D) of the encoded rows."""
+    def hidden_states(self, enc: Encoded, model: Any | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, D) of the encoded rows (of `model`, default the backbone)."""
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        out = (decoder or self.decoder)(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
-        return out.last_hidden_state
+        return final_hidden_states(self.lm if model is None else model, ids, attn)
 
     def rewards_from_hidden(self, hidden: torch.Tensor, enc: Encoded) -> torch.Tensor:
         """r(x, y) (B,) float32 from the hidden state of each row's last real token."""
@@ -151,7 +145,7 @@ class RewardModel(nn.Module):
         if self._frozen_reference is None:
             raise RuntimeError("full fine-tuning DPO needs freeze_reference() before the first update")
         ref = self._frozen_reference
-        hidden = self.hidden_states(enc, decoder=ref.base_model)
+        hidden = self.hidden_states(enc, model=ref)
         return self.completion_logps_from_hidden(hidden, enc, lm_head=ref.get_output_embeddings())
 
     def freeze_reference(self) -> None:

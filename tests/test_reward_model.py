@@ -85,7 +85,7 @@ def test_full_finetune_reference_is_a_frozen_copy(tiny_llama_dir):
     rm.freeze_reference()
     before = rm.reference_completion_logps(enc)
     with torch.no_grad():
-        for p in rm.decoder.parameters():
+        for p in rm.causal_lm.base_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert torch.allclose(rm.reference_completion_logps(enc), before)  # the reference did not move
     assert not torch.allclose(rm.completion_logps_from_hidden(rm.hidden_states(enc), enc).detach(), before, atol=1e-3)
