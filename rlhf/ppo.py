@@ -104,20 +104,48 @@ class PPOConfig:
 
 @dataclass
 class Rollout:
-    """One batch of experience (OpenRLHF's `Experience`). C = completion width."""
+    """One batch of experience (OpenRLHF's `Experience`). C = completion width.
+
+    `logprobs`, `values`, `advantages` and `returns` need π_old and V_old. `collect_rollout`
+    fills them from a no-grad forward, or leaves them None for `ppo_update` to fill from its
+    first training forward (see `fuse_old_forward`)."""
 
     enc: Encoded  # (B, P + C) prompt (left-padded) + completion (right-padded)
     mask: torch.Tensor  # (B, C) 1 on completion tokens up to and including the first EOS
-    logprobs: torch.Tensor  # (B, C) log π_old(a_t|s_t), at the sampling temperature
-    ref_logprobs: torch.Tensor  # (B, C) log π_ref(a_t|s_t), same temperature
-    values: torch.Tensor  # (B, C) V_old(s_t)
-    advantages: torch.Tensor  # (B, C) Â_t (whitened)
-    returns: torch.Tensor  # (B, C) R_t = Â_t + V_old(s_t) before whitening
+    ref_logprobs: torch.Tensor  # (B, C) log π_ref(a_t|s_t), at the sampling temperature
     scores: torch.Tensor  # (B,) the provider's reward after EOS penalty / normalisation
     raw_scores: torch.Tensor  # (B,) the provider's reward as returned
     valid: torch.Tensor  # (B,) bool: the provider judged the sample
     finished: torch.Tensor  # (B,) bool: the completion ended with EOS
     texts: list[str]
+    kl_coef: float  # β at rollout time
+    logprobs: torch.Tensor | None = None  # (B, C) log π_old(a_t|s_t), same temperature
+    values: torch.Tensor | None = None  # (B, C) V_old(s_t)
+    advantages: torch.Tensor | None = None  # (B, C) Â_t (whitened)
+    returns: torch.Tensor | None = None  # (B, C) R_t = Â_t + V_old(s_t) before whitening
+
+    def set_old(self, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> None:
+        """Given π_old's log-probs and V_old's values (B, C), compute the per-token rewards
+        (score at the last token − β·KL at every token), GAE advantages and returns."""
+        m = self.mask.to(logprobs.device).float()
+        logprobs, values = logprobs.detach().float() * m, values.detach().float() * m
+        ref = self.ref_logprobs.to(logprobs.device)
+        kl = kl_penalty(logprobs, ref, cfg.kl.estimator)
+        rewards = per_token_rewards(self.scores.to(logprobs.device), kl, m, self.kl_coef)
+        advantages, returns = gae(rewards, values, m, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, m)
+        self.logprobs, self.values = logprobs.cpu(), values.cpu()
+        self.advantages, self.returns = advantages.cpu(), returns.cpu()
+
+
+def fuse_old_forward(cfg: PPOConfig) -> bool:
+    """Whether π_old / V_old can come from the update's first training forward instead of a
+    separate no-grad pass. That holds when the first optimizer step sees the whole batch at
+    once (one minibatch, no accumulation): its forward runs with θ = θ_old on every sample, so
+    the detached outputs *are* the old log-probs and values, bit for bit, and the advantages
+    (whitened over the batch) are known before the loss is formed. Later epochs reuse them."""
+    return cfg.num_minibatches == 1 and cfg.grad_accum_steps == 1
 
 
 class RunningMoments:
@@ -198,7 +226,7 @@ def run(cfg: PPOConfig) -> dict:
         t_update = time.time()
         # ---- 1. rollout ------------------------------------------------------------------------
         b_prompts = _batch_for(prompts, update, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
-        rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, amp)
+        rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, amp, with_old=not fuse_old_forward(cfg))
         t_train = time.time()
         # ---- 2. PPO epochs -----------------------------------------------------------------------
         stats = ppo_update(model, optimizer, accelerator, rollout, cfg, amp)
@@ -211,7 +239,7 @@ def run(cfg: PPOConfig) -> dict:
             "kl_coef": kl_ctl.value,
             "tokens_per_s": float(rollout.mask.sum()) / (t_done - t_update),
             "seconds_per_update": t_done - t_update,
-            "time/rollout_s": t_train - t_update,  # generation, scoring, reference/old log-probs, values
+            "time/rollout_s": t_train - t_update,  # generation, scoring, reference (and, unfused, old) log-probs
             "time/train_s": t_done - t_train,  # the PPO epochs
             "response/prompt_tokens": float(rollout.enc.attention_mask[:, : rollout.enc.prompt_width].sum(-1).float().mean()),
         }
@@ -242,7 +270,9 @@ def run(cfg: PPOConfig) -> dict:
     return summary
 
 
-def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[tuple[Any, str]], cfg: PPOConfig, kl_coef: float, moments: RunningMoments, amp: torch.dtype | None) -> Rollout:
+def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[tuple[Any, str]], cfg: PPOConfig, kl_coef: float, moments: RunningMoments, amp: torch.dtype | None, *, with_old: bool = True) -> Rollout:
+    """Sample, score and take the reference log-probs; with `with_old`, also π_old's log-probs
+    and V_old's values and hence the advantages (else `ppo_update` fills them)."""
     tok = ac.tokenizer
     texts = [t for _, t in b_prompts]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -280,19 +310,14 @@ def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[t
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     scores = torch.where(result.valid, scores, torch.zeros_like(scores))  # an unjudged sample earns 0
 
-    with torch.no_grad(), autocast(ac.device, amp):
-        old = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
-        ref_logprobs = ac.reference_logprobs(enc)
     m = mask.to(ac.device).float()
-    logprobs, values = old.logprobs.float() * m, old.values.float() * m
-    ref_logprobs = ref_logprobs.float() * m
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl.estimator)
-    rewards = per_token_rewards(scores.to(ac.device), kl, m, kl_coef)
-    advantages, returns = gae(rewards, values, m, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, m)
-    return Rollout(enc, mask, logprobs.cpu(), ref_logprobs.cpu(), values.cpu(), advantages.cpu(), returns.cpu(),
-                   scores, raw, result.valid, finished, completion_texts)
+    with torch.no_grad(), autocast(ac.device, amp):
+        ref_logprobs = ac.reference_logprobs(enc).float() * m
+        old = ac(enc.input_ids, enc.attention_mask, enc.prompt_width) if with_old else None
+    ro = Rollout(enc, mask, ref_logprobs.cpu(), scores, raw, result.valid, finished, completion_texts, kl_coef)
+    if old is not None:
+        ro.set_old(old.logprobs, old.values, cfg)
+    return ro
 
 
 def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, ro: Rollout, cfg: PPOConfig, amp: torch.dtype | None) -> dict[str, float]:
@@ -302,7 +327,10 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
     micro = mb_size // cfg.grad_accum_steps
     sums: dict[str, float] = {}
     n = 0
-    for _epoch in range(cfg.ppo_epochs):
+    fused = ro.logprobs is None
+    if fused and not fuse_old_forward(cfg):
+        raise ValueError("a rollout without old log-probs needs num_minibatches == grad_accum_steps == 1")
+    for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B).tolist()
         for mb_start in range(0, B, mb_size):
             mb_idx = perm[mb_start : mb_start + mb_size]
@@ -330,6 +358,8 @@ def _micro_step(model: Any, unwrapped: ActorCritic, ro: Rollout, idx: list[int],
     with autocast(dev, amp):
         out = model(ids, attn, enc.prompt_width)
     logp, values = out.logprobs.float(), out.values.float()
+    if ro.logprobs is None:  # the fused first step: θ = θ_old and idx is the whole batch
+        ro.set_old(logp[torch.argsort(torch.tensor(idx))], values[torch.argsort(torch.tensor(idx))], cfg)
     pg = ppo_policy_loss(logp, ro.logprobs[idx].to(dev), ro.advantages[idx].to(dev), m, cfg.clip)
     vf_loss, vf_clip = clipped_value_loss(values, ro.values[idx].to(dev), ro.returns[idx].to(dev), m, cfg.value_clip)
     loss = pg.loss + cfg.vf_coef * vf_loss
@@ -419,4 +449,4 @@ def _log_samples(run_dir: Path, update: int, b_prompts: list[tuple[Any, str]], r
             fh.write(json.dumps({"update": update, "prompt": p, "completion": text, "reward": score}, ensure_ascii=False) + "\n")
 
 
-__all__ = ["PPOConfig", "KLConfig", "run", "collect_rollout", "ppo_update", "Rollout", "RunningMoments"]
+__all__ = ["PPOConfig", "KLConfig", "run", "collect_rollout", "ppo_update", "fuse_old_forward", "Rollout", "RunningMoments"]
