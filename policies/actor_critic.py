@@ -21,12 +21,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from policies.models import LoadedModel, apply_lora, final_hidden_states, load_model
+from policies.models import LoadedModel, apply_lora, final_hidden_states, load_model, store_frozen_linears_in
 from policies.text import Encoded
 from rlhf.config import ModelConfig
 from rlhf.core import entropy_from_logits, position_ids, token_logprobs
 
-POLICY, CRITIC, REFERENCE = "policy", "critic", "reference"
+POLICY, CRITIC, REFERENCE, REWARD = "policy", "critic", "reference", "reward"
 
 
 @dataclass
@@ -62,6 +62,8 @@ class ActorCritic(nn.Module):
         self.layout = layout
         self.temperature = 1.0
         self.has_reference_adapter = False
+        self.base_path: Any = None  # shared_lora: the base model's directory (resolved)
+        self.quantization = "none"
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
@@ -79,6 +81,7 @@ class ActorCritic(nn.Module):
             hidden = loaded.model.config.get_text_config().hidden_size
             ac = cls(model, None, None, ValueHead(hidden).to(loaded.device), loaded.tokenizer, layout)
             ac.has_reference_adapter = cfg.lora.path is not None
+            ac.base_path, ac.quantization = loaded.path.resolve(), cfg.quantization
             ac._set_adapter(POLICY)
             return ac
         if layout == "separate":
@@ -91,6 +94,28 @@ class ActorCritic(nn.Module):
             hidden = policy.model.config.get_text_config().hidden_size
             return cls(policy.model, critic, reference, ValueHead(hidden).to(policy.device), policy.tokenizer, layout)
         raise ValueError(f"unknown layout {layout!r}; expected 'shared_lora' or 'separate'")
+
+    def attach_reward_model(self, path: str) -> Any | None:
+        """Load a LoRA reward model trained on this same base as a frozen `reward` adapter on the
+        shared base, and return it as a `RewardModel` (None where it can't share: another
+        layout, another base or quantization, or a fully fine-tuned reward model)."""
+        from policies.hub import resolve_model_path
+        from rewards.reward_model import AdapterRewardModel, load_reward_head, read_reward_model_meta
+
+        meta = read_reward_model_meta(path)
+        if self.layout != "shared_lora" or not meta.lora or meta.quantization != self.quantization:
+            return None
+        if resolve_model_path(meta.base_model, meta.revision).resolve() != self.base_path:
+            return None
+        self.policy.load_adapter(f"{path}/adapter", adapter_name=REWARD, is_trainable=False)
+        head = load_reward_head(path, meta).to(self.device).requires_grad_(False)
+        return AdapterRewardModel(self.policy, head, self.tokenizer, meta, REWARD, self.adapter).eval()
+
+    def store_frozen_in(self, dtype: torch.dtype | None) -> None:
+        """shared_lora, unquantized: keep the frozen base's matmul weights in the autocast dtype
+        every forward runs under (same numbers, half the memory, no per-call cast)."""
+        if dtype is not None and self.layout == "shared_lora" and self.quantization == "none":
+            store_frozen_linears_in(self.policy, dtype)
 
     @property
     def device(self) -> torch.device:

@@ -216,10 +216,8 @@ def new_reward_model(
     return RewardModel(loaded.model, RewardHead(hidden, head).to(loaded.device), loaded.tokenizer, meta)
 
 
-def load_reward_model(path: str | Path, *, device: str = "auto", trainable: bool = False) -> RewardModel:
-    """Rebuild a reward model saved by `RewardModel.save`."""
-    from safetensors.torch import load_file
-
+def read_reward_model_meta(path: str | Path) -> RewardModelMeta:
+    """The `reward_model.json` of a saved reward model, checked strictly."""
     path = Path(path)
     meta_file = path / "reward_model.json"
     if not meta_file.is_file():
@@ -231,7 +229,21 @@ def load_reward_model(path: str | Path, *, device: str = "auto", trainable: bool
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{meta_file}: unknown fields {sorted(unknown)}")
-    meta = RewardModelMeta(**raw)
+    return RewardModelMeta(**raw)
+
+
+def load_reward_head(path: str | Path, meta: RewardModelMeta) -> RewardHead:
+    from safetensors.torch import load_file
+
+    head = RewardHead(meta.hidden_size, meta.head)  # type: ignore[arg-type]
+    head.load_state_dict(load_file(str(Path(path) / "head.safetensors")))
+    return head
+
+
+def load_reward_model(path: str | Path, *, device: str = "auto", trainable: bool = False) -> RewardModel:
+    """Rebuild a reward model saved by `RewardModel.save`."""
+    path = Path(path)
+    meta = read_reward_model_meta(path)
     if meta.lora:
         cfg = ModelConfig(
             name=meta.base_model, dtype=meta.dtype, quantization=meta.quantization, device=device,  # type: ignore[arg-type]
@@ -244,13 +256,27 @@ def load_reward_model(path: str | Path, *, device: str = "auto", trainable: bool
             device=device, trust_remote_code=meta.trust_remote_code,
         )
     loaded = load_model(cfg)
-    head = RewardHead(meta.hidden_size, meta.head)  # type: ignore[arg-type]
-    head.load_state_dict(load_file(str(path / "head.safetensors")))
-    rm = RewardModel(loaded.model, head.to(loaded.device), loaded.tokenizer, meta)
+    rm = RewardModel(loaded.model, load_reward_head(path, meta).to(loaded.device), loaded.tokenizer, meta)
     rm.eval()
     if not trainable:
         rm.requires_grad_(False)
     return rm
+
+
+class AdapterRewardModel(RewardModel):
+    """A LoRA reward model that lives as a frozen adapter on another peft model's base (the
+    PPO policy's, DESIGN.md "Single-GPU layout"): one copy of the base weights serves policy,
+    reference, critic and reward. `use_adapter(name)` is a context manager that activates the
+    adapter and restores the previous one."""
+
+    def __init__(self, lm: Any, head: RewardHead, tokenizer: Any, meta: RewardModelMeta, adapter_name: str, use_adapter: Any) -> None:
+        super().__init__(lm, head, tokenizer, meta)
+        self.adapter_name = adapter_name
+        self._use_adapter = use_adapter
+
+    def hidden_states(self, enc: Encoded, model: Any | None = None) -> torch.Tensor:
+        with self._use_adapter(self.adapter_name):
+            return super().hidden_states(enc, model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from policies.models import autocast, autocast_dtype
 from policies.text import Encoded, render_prompt
 from rewards.base import RewardProvider
 from rewards.registry import RewardConfig, build_provider
+from rewards.reward_model import RewardModelProvider, RewardModelProviderConfig
 from rlhf.config import DataConfig, LoraConfig, ModelConfig, SamplingConfig, doc, required, to_dict
 from rlhf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.core import (
@@ -61,6 +62,7 @@ class PPOConfig:
     model: ModelConfig = doc(ModelConfig(lora=LoraConfig(enabled=True)), "the policy (and, in shared_lora, the critic's base)")
     layout: Literal["shared_lora", "separate"] = doc("shared_lora", "one base with policy/critic adapters (ref = adapters off), or separate full models")
     reward: RewardConfig = required("reward provider spec, e.g. {type: bt, path: runs/rm/model}")
+    share_reward_base: bool = doc(True, "shared_lora: a LoRA reward model on the same base runs as a frozen adapter on the policy's base")
     value_head_init: str | None = doc(None, "initialise the value head from this reward model's linear head")
     prompts: DataConfig = doc(DataConfig(split="train"), "training prompts (any prompt or preference file)")
     eval_prompts: DataConfig | None = doc(DataConfig(split="test", max_items=16), "held-out prompts scored before and after training (null: skip)")
@@ -189,19 +191,20 @@ def run(cfg: PPOConfig) -> dict:
         prepare_run_dir(run_dir, to_dict(cfg))
     t0 = time.time()
 
+    amp = autocast_dtype(cfg.autocast, accelerator.device)
     ac = ActorCritic.build(dataclasses.replace(cfg.model, device=str(accelerator.device)), cfg.layout)
     ac.temperature = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
     if cfg.value_head_init:
         ac.init_value_head_from_reward_model(cfg.value_head_init)
     tok = ac.tokenizer
-    provider: RewardProvider = build_provider(cfg.reward)
+    provider = _build_reward(cfg, ac, amp, verbose=accelerator.is_main_process)
+    ac.store_frozen_in(amp)  # after any reward adapter is attached, so it loads in full precision
     prompts = _load_prompt_texts(cfg.prompts, tok)
     eval_prompts = _load_prompt_records(cfg.eval_prompts) if cfg.eval_prompts else []
 
     params = [p for _, p in ac.trainable_named_parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5)  # eps 1e-5: Huang et al. 2022, "37 details", #3
     model, optimizer = accelerator.prepare(ac, optimizer)
-    amp = autocast_dtype(cfg.autocast, accelerator.device)
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     moments = RunningMoments()
     named = ac.trainable_named_parameters()
@@ -401,6 +404,20 @@ def _eval_before(ac: ActorCritic, provider: RewardProvider, records: list[Prompt
     result = evaluate_policy(ac, provider, records, cfg)
     atomic_write_json(path, result)
     return result
+
+
+def _build_reward(cfg: PPOConfig, ac: ActorCritic, amp: torch.dtype | None, *, verbose: bool) -> RewardProvider:
+    """The reward provider; a LoRA reward model trained on the policy's own base becomes a frozen
+    adapter on the shared base (shared_lora), so no second copy of the base is loaded."""
+    r = cfg.reward
+    if cfg.share_reward_base and isinstance(r, RewardModelProviderConfig) and r.path and r.device in ("auto", ac.device.type):
+        if autocast_dtype(r.autocast, ac.device) == amp:
+            rm = ac.attach_reward_model(r.path)
+            if rm is not None:
+                if verbose:
+                    print(f"reward model {r.path}: a frozen adapter on the policy's base (no second copy)")
+                return RewardModelProvider(rm, batch_size=r.batch_size, autocast_mode=r.autocast, name=r.name or r.type)
+    return build_provider(r)
 
 
 def _load_prompt_records(cfg: DataConfig) -> list[PromptRecord]:

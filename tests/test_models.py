@@ -105,6 +105,34 @@ def test_4bit_lora_forward_backward_on_cpu(tiny_llama_dir):
     assert {n for n in before if "lora_B" in n} <= set(changed)
 
 
+def test_frozen_linears_in_bf16_give_the_same_autocast_forward(tiny_llama_dir):
+    """Storing the frozen base's matmul weights in bf16 changes nothing under bf16 autocast
+    (autocast would cast them on every call), keeps LoRA and embeddings fp32, and gradients
+    still reach the adapter."""
+    from policies.models import store_frozen_linears_in
+
+    torch.manual_seed(0)
+    loaded = load_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)))
+    model = loaded.model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    enc = encode_completions(loaded.tokenizer, ["Hello there", "Hi"], ["General Kenobi", "you"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    cast = store_frozen_linears_in(model, torch.bfloat16)
+    assert cast > 0
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "embed" in n or "norm" in n)
+    assert any(d == torch.bfloat16 for n, d in dtypes.items() if "base_layer" in n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    assert torch.equal(before, after)
+    after.float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
 def test_8bit_loads_and_runs(tiny_llama_dir):
     import bitsandbytes as bnb
 

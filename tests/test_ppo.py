@@ -134,3 +134,52 @@ def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_p
     for n in params_a:
         torch.testing.assert_close(params_b[n], params_a[n], atol=1e-5, rtol=1e-4)
     assert any(not torch.equal(params_a[n], init[n]) for n in init)  # the update did train
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tiny_llama_dir, tmp_path, amp):
+    """A LoRA reward model trained on the policy's base runs as a frozen adapter on that base:
+    same scores as the model loaded on its own, the policy is untouched, nothing new trains."""
+    from rewards.reward_model import RewardModelProvider, load_reward_model, new_reward_model
+
+    torch.manual_seed(0)
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4, last_layers=1)), "linear")
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    rm.save(tmp_path / "rm")
+    prompts, completions = ["Hi there", "What is 2+2?", "Tell me a joke"], ["Hello!", "4", "No."]
+    mode = "none" if amp is None else "bfloat16"
+    alone = RewardModelProvider(load_reward_model(tmp_path / "rm"), autocast_mode=mode).score(prompts, completions).rewards
+
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
+    with torch.no_grad():
+        for n, p in ac.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    trainable = [n for n, _ in ac.trainable_named_parameters()]
+    enc = rm.encode(prompts, completions)
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        policy_before = ac(enc.input_ids, enc.attention_mask, enc.prompt_width).logprobs
+    shared_rm = ac.attach_reward_model(str(tmp_path / "rm"))
+    assert shared_rm is not None
+    ac.store_frozen_in(amp)
+    shared = RewardModelProvider(shared_rm, autocast_mode=mode).score(prompts, completions).rewards
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shared, torch.zeros_like(shared))
+    assert ac.policy.active_adapter == POLICY
+    assert [n for n, _ in ac.trainable_named_parameters()] == trainable  # the reward adapter stays frozen
+    assert all(p.requires_grad for _, p in ac.trainable_named_parameters())
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        policy_after = ac(enc.input_ids, enc.attention_mask, enc.prompt_width).logprobs
+    torch.testing.assert_close(policy_after, policy_before, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_on_another_base_is_not_shared(tiny_llama_dir, tmp_path):
+    from rewards.reward_model import new_reward_model
+
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=False)), "linear")
+    rm.save(tmp_path / "rm_full")  # fully fine-tuned: its own backbone, nothing to share
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
+    assert ac.attach_reward_model(str(tmp_path / "rm_full")) is None
