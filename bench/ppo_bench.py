@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,33 +56,46 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def make_reward_model(path: Path, *, lora: bool) -> dict:
+    from rewards.reward_model import new_reward_model
+    from rlhf.config import LoraConfig, ModelConfig
+
+    torch.manual_seed(0)
+    rm = new_reward_model(ModelConfig(lora=LoraConfig(enabled=lora)), "linear", max_prompt_tokens=128, max_completion_tokens=64)
+    rm.save(path)
+    (path / "matmul_params.json").write_text(json.dumps(matmul_params(rm.causal_lm)))  # the LM head is a Linear
+    return {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("full", "lora"), default="lora")
     p.add_argument("--updates", type=int, default=5, help="measured updates (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra PPOConfig override (repeatable)")
+    p.add_argument("--make-reward-model", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.make_reward_model:
+        return make_reward_model(args.make_reward_model, lora=args.mode == "lora")
 
-    from rewards.reward_model import new_reward_model
-    from rlhf.config import LoraConfig, ModelConfig, load_config
+    from rlhf.config import load_config
     from rlhf.ppo import PPOConfig, run
 
     lora = args.mode == "lora"
     dtype = torch.bfloat16 if lora else torch.float32
     peak = gemm_peak(dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        rm = new_reward_model(ModelConfig(lora=LoraConfig(enabled=lora)), "linear", max_prompt_tokens=128, max_completion_tokens=64)
-        n_matmul = matmul_params(rm.causal_lm)  # the LM head is a Linear; embeddings are lookups
-        rm.save(Path(tmp) / "rm")
-        del rm
+        # The reward model is built (random head, seeded) and saved by a child process, as
+        # `rlhf train-rm` would in real use, so this process's peak memory is the PPO run's own.
+        subprocess.run([sys.executable, __file__, "--make-reward-model", f"{tmp}/rm", "--mode", args.mode], check=True)
+        n_matmul = json.loads((Path(tmp) / "rm" / "matmul_params.json").read_text())
         overrides = [
             f"layout={'shared_lora' if lora else 'separate'}", f"model.lora.enabled={str(lora).lower()}",
             f"reward={{type: bt, path: {tmp}/rm, batch_size: 8}}", f"prompts.path={HH}", "prompts.split=all",
             "eval_prompts=null", f"updates={args.warmup + args.updates}", "batch_size=8", "num_minibatches=1",
             "ppo_epochs=1", "sampling.max_new_tokens=32", "sampling.temperature=0.7", "max_prompt_tokens=128",
-            f"autocast={'auto' if lora else 'none'}", f"output_dir={tmp}/run", "sample_every=0",
+            f"autocast={'auto' if lora else 'none'}", f"output_dir={tmp}/run", "sample_every=0", *args.set,
         ]
         cfg = load_config(PPOConfig, None, overrides)
         t0 = time.perf_counter()
@@ -94,16 +108,18 @@ def main(argv: list[str] | None = None) -> dict:
     P = sum(r["response/prompt_tokens"] for r in measured) / len(measured)
     resp = sum(r["response/length"] for r in measured) / len(measured)
     tokens = B * (P + resp)
-    # Rollout: generation (≈ one forward over prompt + completion), reward, reference, and the
-    # no-grad policy + critic pass; training: policy and critic forward + backward.
+    # Rollout: generation (≈ one forward over prompt + completion), reward and reference
+    # forwards (one minibatch: π_old and V_old come from the training forward, rlhf.ppo.
+    # fuse_old_forward); training: policy and critic forward + backward.
     gen_flops = 2 * n_matmul * tokens
-    rollout_flops = gen_flops + 4 * 2 * n_matmul * tokens
+    rollout_flops = gen_flops + 2 * 2 * n_matmul * tokens
     train_flops = 2 * (4 if lora else 6) * n_matmul * tokens
     t_roll = sum(r["time/rollout_s"] for r in measured) / len(measured)
     t_train = sum(r["time/train_s"] for r in measured) / len(measured)
     result = {
         "impl": "pluggable-rlhf",
         "mode": args.mode,
+        "overrides": args.set,
         "updates_per_s": len(sec) / sum(sec),
         "sec_per_update": sec,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

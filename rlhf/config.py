@@ -83,6 +83,9 @@ class ModelConfig:
     device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     trust_remote_code: bool = doc(False, "allow custom modelling code from the model directory (off for safety)")
     revision: str | None = doc(None, "hub revision (branch, tag or commit) when `name` is a hub id")
+    gradient_checkpointing: bool = doc(False, "recompute each layer's activations in the backward pass: far less memory, about one more forward of compute")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = doc(
+        "auto", "attention kernel; 'auto': eager on the CPU (faster than torch's CPU flash kernel at RLHF lengths), sdpa on a GPU")
 
 
 @dataclass(frozen=True)

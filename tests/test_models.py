@@ -208,3 +208,40 @@ def test_real_smollm2_converts_loads_and_answers(smollm2_dir):
     gen = generate(loaded.model, tok, [render_prompt(tok, "What is the capital of France?")], SamplingConfig(max_new_tokens=20, temperature=0.0))
     assert "Paris" in gen.texts[0]
     assert gen.finished[0]  # the instruct model ends its turn
+
+
+def test_activation_checkpointing_gives_the_same_gradients_across_adapter_switches(tiny_llama_dir):
+    """Checkpointed layers recompute with the adapter active in their forward: a policy +
+    critic loss on one shared base gets exactly the gradients of the uncheckpointed run, and a
+    deep copy (the 'separate' layout's reference) runs its own weights."""
+    import copy
+
+    from policies.actor_critic import ActorCritic
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        cfg = ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4), gradient_checkpointing=ckpt)
+        ac = ActorCritic.build(cfg, "shared_lora")
+        with torch.no_grad():
+            for n, p in ac.policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+        enc = encode_completions(ac.tokenizer, ["Hello there", "Hi"], ["General Kenobi", "you"])
+        out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
+        (out.logprobs.sum() + out.values.pow(2).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in ac.trainable_named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+    assert any(".critic." in n and grads[1][n].abs().sum() > 0 for n in grads[1])
+
+    loaded = load_model(ModelConfig(name=str(tiny_llama_dir), gradient_checkpointing=True))
+    twin = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.1)
+    with torch.no_grad():
+        a = loaded.model(input_ids=enc.input_ids).logits
+        b = twin(input_ids=enc.input_ids).logits
+    assert not torch.allclose(a, b)
