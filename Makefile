@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 quickstart: setup
-	$(VENV)/bin/rlhf quickstart recipes/quickstart.yaml
+	$(VENV)/bin/rlhf pipeline recipes/quickstart.yaml
 
 test: setup
 	$(VENV)/bin/pytest

@@ -111,6 +111,29 @@ class ActorCritic(nn.Module):
         head = load_reward_head(path, meta).to(self.device).requires_grad_(False)
         return AdapterRewardModel(self.policy, head, self.tokenizer, meta, REWARD, self.adapter).eval()
 
+    def init_critic_adapter_from_reward(self) -> int:
+        """Start the critic adapter as the attached reward adapter (same rank and scaling where
+        both exist; the critic's other modules keep B = 0), so that with the value head copied
+        from the reward head, V starts as the reward model itself, as OpenRLHF and TRL start
+        their critic from the reward model. Returns the number of tensors copied."""
+        params = dict(self.policy.named_parameters())
+        copied = 0
+        with torch.no_grad():
+            for name, p in params.items():
+                if f".{REWARD}." not in name:
+                    continue
+                target = params.get(name.replace(f".{REWARD}.", f".{CRITIC}."))
+                if target is None or target.shape != p.shape:
+                    raise ValueError(f"the reward adapter does not fit the critic adapter at {name} (rank or shape differs)")
+                target.copy_(p)
+                copied += 1
+        if not copied:
+            raise ValueError("no reward adapter attached to copy into the critic")
+        reward_cfg, critic_cfg = self.policy.peft_config[REWARD], self.policy.peft_config[CRITIC]
+        if (reward_cfg.r, reward_cfg.lora_alpha) != (critic_cfg.r, critic_cfg.lora_alpha):
+            raise ValueError("the critic adapter can start from the reward adapter only with the same r and alpha")
+        return copied
+
     def store_frozen_in(self, dtype: torch.dtype | None) -> None:
         """shared_lora, unquantized: keep the frozen base's matmul weights in the autocast dtype
         every forward runs under (same numbers, half the memory, no per-call cast)."""

@@ -26,9 +26,9 @@ class RecipeCommand:
 
 
 RECIPE_COMMANDS: dict[str, RecipeCommand] = {
-    "quickstart": RecipeCommand(
+    "likelihood-demo": RecipeCommand(
         "load the default model, answer held-out HH prompts, score HH pairs by likelihood",
-        "rlhf.quickstart:QuickstartConfig:run",
+        "rlhf.likelihood_demo:LikelihoodDemoConfig:run",
     ),
     "train-rm": RecipeCommand(
         "train a Bradley-Terry or GRM reward model on preference pairs",
@@ -39,7 +39,7 @@ RECIPE_COMMANDS: dict[str, RecipeCommand] = {
         "rlhf.ppo:PPOConfig:run",
     ),
     "pipeline": RecipeCommand(
-        "train a reward model, then PPO against it (the quickstart's shape)",
+        "train a reward model, then PPO against it (the quickstart: recipes/quickstart.yaml)",
         "rlhf.pipeline:PipelineConfig:run",
     ),
     "reward-ablation": RecipeCommand(

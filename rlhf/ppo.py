@@ -64,6 +64,7 @@ class PPOConfig:
     reward: RewardConfig = required("reward provider spec, e.g. {type: bt, path: runs/rm/model}")
     share_reward_base: bool = doc(True, "shared_lora: a LoRA reward model on the same base runs as a frozen adapter on the policy's base")
     value_head_init: str | None = doc(None, "initialise the value head from this reward model's linear head")
+    critic_from_reward_adapter: bool = doc(True, "when value_head_init is the shared reward adapter's model, start the critic adapter as that adapter too (V starts as the reward model)")
     prompts: DataConfig = doc(DataConfig(split="train"), "training prompts (any prompt or preference file)")
     eval_prompts: DataConfig | None = doc(DataConfig(split="test", max_items=16), "held-out prompts scored before and after training (null: skip)")
     sampling: SamplingConfig = doc(SamplingConfig(max_new_tokens=32, temperature=0.7), "rollout sampling")
@@ -198,6 +199,9 @@ def run(cfg: PPOConfig) -> dict:
         ac.init_value_head_from_reward_model(cfg.value_head_init)
     tok = ac.tokenizer
     provider = _build_reward(cfg, ac, amp, verbose=accelerator.is_main_process)
+    shared_rm = getattr(getattr(provider, "model", None), "adapter_name", None) is not None
+    if cfg.value_head_init and cfg.critic_from_reward_adapter and shared_rm and Path(cfg.value_head_init) == Path(cfg.reward.path):
+        ac.init_critic_adapter_from_reward()
     ac.store_frozen_in(amp)  # after any reward adapter is attached, so it loads in full precision
     prompts = _load_prompt_texts(cfg.prompts, tok)
     eval_prompts = _load_prompt_records(cfg.eval_prompts) if cfg.eval_prompts else []

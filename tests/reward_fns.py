@@ -13,4 +13,9 @@ def none_if_empty(prompts, completions, **kwargs):
     return [None if not c else 1.0 for c in completions]
 
 
+def prompt_sign(prompts, completions, **kwargs):
+    """+1 where the prompt says 'good', −1 elsewhere (a reward whose direction is known)."""
+    return [1.0 if "good" in str(p) else -1.0 for p in prompts]
+
+
 NOT_CALLABLE = 42

@@ -14,12 +14,12 @@ from rlhf.cli import main
 
 def test_console_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "rlhf", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("quickstart", "models", "data"):
+    for cmd in ("likelihood-demo", "models", "data"):
         assert cmd in out
 
 
 def test_recipe_command_help_lists_keys_with_docs(capsys):
-    assert main(["quickstart", "--help"]) == 0
+    assert main(["likelihood-demo", "--help"]) == 0
     out = capsys.readouterr().out
     assert "model.lora.r" in out and "LoRA rank" in out and "data.split" in out
 
@@ -49,7 +49,7 @@ def test_data_check_reports_malformed_line(tmp_path, capsys):
 
 
 def test_bad_override_is_a_clear_error(capsys):
-    assert main(["quickstart", str(REPO / "recipes" / "quickstart.yaml"), "num_pair=3"]) == 2
+    assert main(["likelihood-demo", str(REPO / "recipes" / "likelihood_demo.yaml"), "num_pair=3"]) == 2
     assert "did you mean 'num_pairs'" in capsys.readouterr().err
 
 
@@ -59,11 +59,11 @@ def test_models_lists_default_alias(capsys):
     assert "smollm2-135m-instruct" in out and "model cache:" in out
 
 
-def test_quickstart_job_on_tiny_model(tiny_llama_dir, tmp_path, capsys):
+def test_likelihood_demo_job_on_tiny_model(tiny_llama_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = [
-        "quickstart",
-        str(REPO / "recipes" / "quickstart.yaml"),
+        "likelihood-demo",
+        str(REPO / "recipes" / "likelihood_demo.yaml"),
         f"model.name={tiny_llama_dir}",
         f"data.path={HH_TEST}",
         "num_prompts=2",
@@ -86,11 +86,11 @@ def test_quickstart_job_on_tiny_model(tiny_llama_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_quickstart_recipe_smoke_on_real_model(tmp_path):
+def test_likelihood_demo_recipe_smoke_on_real_model(tmp_path):
     """The README's main job at a smoke size, through the installed console script."""
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "rlhf", "quickstart", "recipes/quickstart.yaml", "num_prompts=1", "num_pairs=8",
+        [sys.executable, "-m", "rlhf", "likelihood-demo", "recipes/likelihood_demo.yaml", "num_prompts=1", "num_pairs=8",
          "sampling.max_new_tokens=16", f"run_dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )

@@ -5,7 +5,7 @@ import pytest
 
 from rlhf.cli import RECIPE_COMMANDS
 from rlhf.config import ConfigError, DataConfig, LoraConfig, ModelConfig, describe, help_text, load_config
-from rlhf.quickstart import QuickstartConfig
+from rlhf.likelihood_demo import LikelihoodDemoConfig
 
 RECIPE = """\
 model:
@@ -26,13 +26,13 @@ def write(tmp_path, text, name="r.yaml"):
 
 
 def test_recipe_and_overrides_build_nested_frozen_config(tmp_path):
-    cfg = load_config(QuickstartConfig, write(tmp_path, RECIPE), ["model.lora.r=4", "sampling.temperature=1e-1", "sampling.temperature=1", "data.max_items=null"])
+    cfg = load_config(LikelihoodDemoConfig, write(tmp_path, RECIPE), ["model.lora.r=4", "sampling.temperature=1e-1", "sampling.temperature=1", "data.max_items=null"])
     assert cfg.model.name == "some/model"
     assert cfg.model.lora == LoraConfig(enabled=True, r=4)
     assert cfg.data.split == "test" and cfg.data.max_items is None
     assert cfg.sampling.temperature == 1.0 and isinstance(cfg.sampling.temperature, float)
     assert cfg.num_pairs == 10
-    assert cfg.seed == QuickstartConfig().seed  # untouched keys keep their defaults
+    assert cfg.seed == LikelihoodDemoConfig().seed  # untouched keys keep their defaults
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.num_pairs = 3  # type: ignore[misc]
 
@@ -40,14 +40,14 @@ def test_recipe_and_overrides_build_nested_frozen_config(tmp_path):
 def test_unknown_key_names_file_line_and_suggests(tmp_path):
     p = write(tmp_path, "model:\n  name: x\n  nmae: y\n")
     with pytest.raises(ConfigError) as err:
-        load_config(QuickstartConfig, p)
+        load_config(LikelihoodDemoConfig, p)
     msg = str(err.value)
     assert f"{p}:3" in msg and "model.nmae" in msg and "did you mean 'model.name'" in msg
 
 
 def test_unknown_override_is_attributed_to_the_command_line():
     with pytest.raises(ConfigError, match=r"command line override sampling.temprature.*did you mean 'sampling.temperature'"):
-        load_config(QuickstartConfig, None, ["sampling.temprature=0.5"])
+        load_config(LikelihoodDemoConfig, None, ["sampling.temprature=0.5"])
 
 
 @pytest.mark.parametrize(
@@ -62,25 +62,25 @@ def test_unknown_override_is_attributed_to_the_command_line():
 def test_type_errors_name_file_line_and_field(tmp_path, text, line, fragment):
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
-        load_config(QuickstartConfig, p)
+        load_config(LikelihoodDemoConfig, p)
     assert f"{p}:{line}" in str(err.value)
     assert fragment in str(err.value)
 
 
 def test_value_checks_run_at_load(tmp_path):
     with pytest.raises(ConfigError, match="test_fraction must be in"):
-        load_config(QuickstartConfig, write(tmp_path, "data:\n  test_fraction: 2\n"))
+        load_config(LikelihoodDemoConfig, write(tmp_path, "data:\n  test_fraction: 2\n"))
     with pytest.raises(ConfigError, match="not of the form"):
-        load_config(QuickstartConfig, None, ["num_pairs"])
+        load_config(LikelihoodDemoConfig, None, ["num_pairs"])
 
 
 def test_bad_yaml_and_non_mapping_recipes(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML"):
-        load_config(QuickstartConfig, write(tmp_path, "model: [unclosed\n"))
+        load_config(LikelihoodDemoConfig, write(tmp_path, "model: [unclosed\n"))
     with pytest.raises(ConfigError, match="must be a mapping"):
-        load_config(QuickstartConfig, write(tmp_path, "- a\n- b\n"))
+        load_config(LikelihoodDemoConfig, write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="recipe not found"):
-        load_config(QuickstartConfig, tmp_path / "missing.yaml")
+        load_config(LikelihoodDemoConfig, tmp_path / "missing.yaml")
 
 
 def _config_classes(cls, seen=None):
@@ -102,8 +102,8 @@ def test_every_field_has_a_one_line_doc_shown_in_help():
         for f in dataclasses.fields(cls):
             text = f.metadata.get("help", "")
             assert text and "\n" not in text, f"{cls.__name__}.{f.name} lacks a one-line doc"
-    text = help_text(QuickstartConfig)
-    for key, _tp, _default, doc in describe(QuickstartConfig):
+    text = help_text(LikelihoodDemoConfig)
+    for key, _tp, _default, doc in describe(LikelihoodDemoConfig):
         assert key in text and doc in text
 
 
@@ -111,7 +111,7 @@ def test_shipped_recipes_load():
     from pathlib import Path
 
     recipes = Path(__file__).resolve().parents[1] / "recipes"
-    cfg = load_config(QuickstartConfig, recipes / "quickstart.yaml")
+    cfg = load_config(LikelihoodDemoConfig, recipes / "likelihood_demo.yaml")
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.data.split == "test"
 
 

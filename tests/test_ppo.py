@@ -176,6 +176,34 @@ def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tiny
     torch.testing.assert_close(policy_after, policy_before, atol=1e-5, rtol=1e-5)
 
 
+def test_critic_can_start_as_the_reward_model(tiny_llama_dir, tmp_path):
+    """With the reward adapter copied into the critic adapter and the reward head into the value
+    head, V(s_t) is the reward model's head on the reward model's own hidden states."""
+    from policies.text import encode_completions
+    from rewards.reward_model import new_reward_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(enabled=True, r=4)
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=lora), "linear")
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    rm.save(tmp_path / "rm")
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=lora), "shared_lora")
+    shared = ac.attach_reward_model(str(tmp_path / "rm"))
+    ac.init_value_head_from_reward_model(str(tmp_path / "rm"))
+    assert ac.init_critic_adapter_from_reward() > 0
+    enc = encode_completions(ac.tokenizer, ["Hi there", "What is 2+2?"], ["Hello!", "4"])
+    with torch.no_grad():
+        values = ac(enc.input_ids, enc.attention_mask, enc.prompt_width).values  # V(s_t), t = 0 … C-1
+        hidden = shared.hidden_states(enc)
+    P = enc.prompt_width
+    from_rm = shared.head(hidden[:, P - 1 : -1])  # the reward head on the reward adapter's hidden states
+    torch.testing.assert_close(values, from_rm.float(), atol=1e-5, rtol=1e-5)
+    assert [n for n, _ in ac.trainable_named_parameters()] == [n for n, _ in ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=lora), "shared_lora").trainable_named_parameters()]
+
+
 def test_reward_model_on_another_base_is_not_shared(tiny_llama_dir, tmp_path):
     from rewards.reward_model import new_reward_model
 
@@ -183,3 +211,32 @@ def test_reward_model_on_another_base_is_not_shared(tiny_llama_dir, tmp_path):
     rm.save(tmp_path / "rm_full")  # fully fine-tuned: its own backbone, nothing to share
     ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
     assert ac.attach_reward_model(str(tmp_path / "rm_full")) is None
+
+
+
+def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_dir, tmp_path):
+    """End-to-end direction check: completions the reward likes become more likely, the ones it
+    dislikes less likely, after a few PPO epochs on one rollout (sign and plumbing of rewards,
+    GAE, whitening, the clipped loss and the optimizer together)."""
+    from accelerate import Accelerator
+
+    from policies.text import render_prompt
+    from rewards.registry import build_provider
+    from rlhf.ppo import RunningMoments, collect_rollout, ppo_update
+
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "reward={type: function, path: 'reward_fns:prompt_sign'}",
+                       "kl.coef=0.0", "ppo_epochs=4", "lr=3e-3")
+    provider = build_provider(cfg.reward)
+    torch.manual_seed(0)
+    ac = ActorCritic.build(cfg.model, cfg.layout)
+    ac.temperature = cfg.sampling.temperature
+    prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["a good question", "a bad question", "another good one", "another bad one"]]
+    ro = collect_rollout(ac, provider, prompts, cfg, 0.0, RunningMoments(), None)
+    assert ro.raw_scores.tolist() == [1.0, -1.0, 1.0, -1.0]
+    optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
+    ppo_update(ac, optimizer, Accelerator(cpu=True), ro, cfg, None)
+    with torch.no_grad():
+        after = ac(ro.enc.input_ids, ro.enc.attention_mask, ro.enc.prompt_width).logprobs
+    change = ((after - ro.logprobs) * ro.mask).sum(-1)  # Δ log π(y|x) per sample
+    assert change[0] > 0 and change[2] > 0, change
+    assert change[1] < 0 and change[3] < 0, change

@@ -41,3 +41,22 @@ def test_reward_ablation_recipe_smoke(tmp_path, smollm2_dir):
     for variant in ("BT", "GRM-sft", "GRM-dpo", "GRM-dpo_noref"):
         assert f"| {variant} |" in table
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_quickstart_recipe_smoke(tmp_path, smollm2_dir):
+    """`make quickstart`'s recipe end to end at a smoke size: one reward-model step, two PPO
+    updates with the reward model as a frozen adapter on the policy's base."""
+    rm_dir, ppo_dir = tmp_path / "rm", tmp_path / "ppo"
+    proc = rlhf("pipeline", "recipes/quickstart.yaml", f"run_dir={tmp_path}", f"rm.output_dir={rm_dir}",
+                "rm.max_steps=1", "rm.data.max_items=8", "rm.eval_data.max_items=8", "rm.micro_batch_size=4",
+                "rm.grad_accum_steps=1", f"ppo.reward.path={rm_dir}/model", f"ppo.value_head_init={rm_dir}/model",
+                f"ppo.output_dir={ppo_dir}", "ppo.updates=2", "ppo.batch_size=4", "ppo.eval_prompts.max_items=4",
+                "ppo.sampling.max_new_tokens=8", "ppo.checkpoint_every=1", "ppo.sample_every=1")
+    assert "a frozen adapter on the policy's base" in proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["reward_model"]["eval"]["all"]["pairs"] == 8
+    assert summary["ppo"]["eval_before"]["prompts"] == 4 and summary["ppo"]["updates"] == 2
+    rows = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["response/length"] > 0 for r in rows)
+    assert (ppo_dir / "reward_kl.png").stat().st_size > 1000
+    assert len((ppo_dir / "eval_samples_after.jsonl").read_text().splitlines()) == 4

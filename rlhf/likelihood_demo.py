@@ -1,4 +1,5 @@
-"""The quickstart job: the smallest real end-to-end run on the embedded default model.
+"""`rlhf likelihood-demo`: the smallest real run on the embedded default model (issue 2's
+first main job; the quickstart is now the PPO pipeline, recipes/quickstart.yaml).
 
 It loads SmolLM2-135M-Instruct (converting the embedded GGUF on first use), answers a few
 held-out HH prompts, and scores held-out HH preference pairs by the policy's own likelihood,
@@ -26,7 +27,7 @@ from rlhf.runs import prepare_run_dir, seed_everything
 
 
 @dataclass(frozen=True)
-class QuickstartConfig:
+class LikelihoodDemoConfig:
     model: ModelConfig = doc(ModelConfig(), "the policy model")
     data: DataConfig = doc(DataConfig(split="test"), "preference pairs; prompts and pairs are taken from it")
     sampling: SamplingConfig = doc(SamplingConfig(), "how completions are sampled")
@@ -36,10 +37,10 @@ class QuickstartConfig:
     max_prompt_tokens: int = doc(384, "prompts keep their last this many tokens")
     max_completion_tokens: int = doc(128, "scored completions keep their first this many tokens")
     seed: int = doc(0, "random seed")
-    run_dir: str = doc("runs/quickstart", "where the run writes its files")
+    run_dir: str = doc("runs/likelihood_demo", "where the run writes its files")
 
 
-def run(cfg: QuickstartConfig) -> dict:
+def run(cfg: LikelihoodDemoConfig) -> dict:
     t0 = time.time()
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg.run_dir, to_dict(cfg))
