@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from policies.actor_critic import ActorCritic
-from policies.models import autocast, autocast_dtype
+from policies.models import adamw, autocast, autocast_dtype
 from policies.text import Encoded, render_prompt
 from rewards.base import RewardProvider
 from rewards.registry import RewardConfig, build_provider
@@ -207,7 +207,7 @@ def run(cfg: PPOConfig) -> dict:
     eval_prompts = _load_prompt_records(cfg.eval_prompts) if cfg.eval_prompts else []
 
     params = [p for _, p in ac.trainable_named_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5)  # eps 1e-5: Huang et al. 2022, "37 details", #3
+    optimizer = adamw(params, lr=cfg.lr, eps=1e-5)  # eps 1e-5: Huang et al. 2022, "37 details", #3
     model, optimizer = accelerator.prepare(ac, optimizer)
     kl_ctl = AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     moments = RunningMoments()
