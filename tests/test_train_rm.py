@@ -119,7 +119,11 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_llama_dir, tmp_path):
         run(cfg)
         states.append({n: p.clone() for n, p in load_reward_model(tmp_path / f"{mb}x{acc}" / "run" / "model").named_parameters()})
     for n in states[0]:
-        assert torch.allclose(states[0][n], states[1][n], atol=1e-5), n
+        # Adam's first step is lr·g/(|g| + ε): an element whose gradient is at float-noise level
+        # (different padding widths round differently) can move by up to lr either way. Allow
+        # that on at most 0.1% of the elements; every other element must agree to 1e-5.
+        d = (states[0][n] - states[1][n]).abs()
+        assert float(d.max()) <= 2 * 2e-3 and int((d > 1e-5).sum()) <= max(1, d.numel() // 1000), n
 
 
 def test_length_grouped_batches_cover_every_index_once():
