@@ -44,7 +44,7 @@ from rlhf.core import (
 from rlhf.data import PromptRecord, load_split
 from rlhf.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from rlhf.plots import plot_metrics
-from rlhf.runs import prepare_run_dir
+from rlhf.runs import keep_freed_memory, prepare_run_dir
 from rlhf.tracking import Tracker, TrackerName
 
 
@@ -186,6 +186,8 @@ def run(cfg: PPOConfig) -> dict:
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     set_seed(cfg.seed + accelerator.process_index)  # different samples per process, reproducible
     run_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:

