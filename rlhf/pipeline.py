@@ -60,7 +60,9 @@ def _report(summary: dict, cfg: PipelineConfig) -> None:
     p = summary["ppo"]
     if "eval_before" in p:
         b, a = p["eval_before"], p["eval_after"]
+        change = p.get("eval_change", {})
+        se = f" ± {change['se']:.3f} paired SE" if "se" in change else ""
         print(f"policy on {a['prompts']} held-out prompts: reward {b['reward_mean']:.3f} → {a['reward_mean']:.3f} "
-              f"({a['reward_mean'] - b['reward_mean']:+.3f}) at KL {a['kl_mean']:.3f} nats from the start")
+              f"({a['reward_mean'] - b['reward_mean']:+.3f}{se}) at KL {a['kl_mean']:.3f} nats from the start")
     print(f"PPO run: {cfg.ppo.output_dir} (metrics.jsonl, reward_kl.png, eval_samples_before/after.jsonl); "
           f"total {summary['wall_seconds']}s")

@@ -269,6 +269,7 @@ def run(cfg: PPOConfig) -> dict:
         if eval_prompts:
             after = evaluate_policy(unwrapped, provider, eval_prompts, cfg)
             summary["eval_before"], summary["eval_after"] = before["summary"], after["summary"]
+            summary["eval_change"] = paired_change(before["samples"], after["samples"])
             atomic_write_jsonl(run_dir / "eval_samples_before.jsonl", before["samples"])
             atomic_write_jsonl(run_dir / "eval_samples_after.jsonl", after["samples"])
         atomic_write_json(run_dir / "summary.json", summary)
@@ -462,6 +463,16 @@ def evaluate_policy(ac: ActorCritic, provider: RewardProvider, records: list[Pro
     torch.random.set_rng_state(state)
     r, k = torch.cat(rewards), torch.cat(kls)
     return {"summary": {"reward_mean": float(r.mean()), "kl_mean": float(k.mean()), "prompts": len(items)}, "samples": samples}
+
+
+def paired_change(before: list[dict], after: list[dict]) -> dict[str, float]:
+    """The held-out reward change, after − before, over the same prompts: its mean and the
+    standard error of that mean (paired, so prompt-to-prompt spread cancels)."""
+    if len(before) != len(after) or any(b["prompt"] != a["prompt"] for b, a in zip(before, after)):
+        raise ValueError("before/after evaluations must cover the same prompts in the same order")
+    d = torch.tensor([a["reward"] - b["reward"] for b, a in zip(before, after)], dtype=torch.float64)
+    se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se, "prompts": len(d)}
 
 
 def _log_samples(run_dir: Path, update: int, b_prompts: list[tuple[Any, str]], ro: Rollout) -> None:

@@ -60,6 +60,7 @@ class TrainRMConfig:
     max_grad_norm: float = doc(1.0, "gradient-norm clip")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast: 'auto' uses it where the hardware has fast bf16")
     center_bias: bool = doc(True, "after training, shift the head bias so training-set rewards average zero")
+    center_max_pairs: int | None = doc(None, "estimate that mean on the first this many training pairs (null: all)")
     seed: int = doc(0, "random seed (head init, data order)")
     output_dir: str = doc("runs/rm", "run directory; the model goes to OUTPUT_DIR/model")
     tracker: TrackerName = doc("none", "metrics.jsonl always; plus 'tensorboard' or 'wandb' (offline without an API key)")
@@ -183,7 +184,7 @@ def run(cfg: TrainRMConfig) -> dict:
     summary: dict = {"steps": step, "train_pairs": len(pairs), "train_seconds": round(time.time() - t0, 1)}
     provider = RewardModelProvider(rm, batch_size=cfg.micro_batch_size * 2, autocast_mode=cfg.autocast, name=cfg.objective)
     if cfg.center_bias:
-        summary["bias_shift"] = center_head_bias(rm, provider, pairs)
+        summary["bias_shift"] = center_head_bias(rm, provider, pairs[: cfg.center_max_pairs])
     model_dir = rm.save(run_dir / "model")
     summary["model_dir"] = str(model_dir)
     if cfg.eval_data is not None:
@@ -217,6 +218,8 @@ def center_head_bias(rm: RewardModel, provider: RewardModelProvider, pairs: list
     """Shift the head's bias so that the chosen and rejected rewards of `pairs` average zero.
     BT is shift-invariant, so this changes no preference; PPO then sees rewards centred on the
     training distribution (Ouyang et al. 2022, appendix C.2 normalizes the RM the same way)."""
+    if not pairs:
+        raise ValueError("center_bias needs at least one training pair (check center_max_pairs)")
     prompts = [p.prompt for p in pairs]
     rewards = torch.cat([provider.score(prompts, [p.chosen for p in pairs]).rewards,
                          provider.score(prompts, [p.rejected for p in pairs]).rewards])

@@ -136,3 +136,15 @@ def test_adaptive_kl_controller_follows_ziegler():
     # Exactly on target: unchanged.
     v = ctl.value
     assert ctl.update(6.0, 100) == pytest.approx(v)
+
+
+def test_paired_change_mean_and_standard_error():
+    from rlhf.ppo import paired_change
+
+    before = [{"prompt": p, "reward": r} for p, r in zip("abcd", [0.0, 1.0, 2.0, 3.0])]
+    after = [{"prompt": p, "reward": r} for p, r in zip("abcd", [1.0, 1.0, 3.0, 5.0])]
+    out = paired_change(before, after)  # differences 1, 0, 1, 2: mean 1, sample std √(2/3)
+    assert out["mean"] == pytest.approx(1.0) and out["prompts"] == 4
+    assert out["se"] == pytest.approx((2 / 3) ** 0.5 / 2)
+    with pytest.raises(ValueError):
+        paired_change(before, after[::-1])
