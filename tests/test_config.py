@@ -113,6 +113,15 @@ def test_shipped_recipes_load():
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     cfg = load_config(LikelihoodDemoConfig, recipes / "likelihood_demo.yaml")
     assert cfg.model.name == "smollm2-135m-instruct" and cfg.data.split == "test"
+    # Every shipped recipe parses strictly against the config of the command it names.
+    from rlhf.cli import RECIPE_COMMANDS
+
+    wanted = {"likelihood_demo.yaml": "likelihood-demo", "rm_bt_hh.yaml": "train-rm", "ppo_hh.yaml": "ppo",
+              "quickstart.yaml": "pipeline", "hh_qlora_7b.yaml": "pipeline", "reward_ablation.yaml": "reward-ablation"}
+    assert {p.name for p in recipes.glob("*.yaml")} == set(wanted)
+    for name, command in wanted.items():
+        config_cls, _ = RECIPE_COMMANDS[command].resolve()
+        load_config(config_cls, recipes / name)
 
 
 def test_errors_inside_lists_name_their_line(tmp_path):
