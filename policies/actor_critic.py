@@ -42,7 +42,10 @@ class ValueHead(nn.Module):
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        # V ≡ 0 at the start (centred rewards average 0). A std-1/√(D+1) head on SmolLM2's final
+        # hidden states (norm ≈ 47) gives values of std ≈ 2 that swing from token to token, and
+        # GAE sums those swings into the advantages; the critic then learns V from the returns.
+        nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tiny
     rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4, last_layers=1)), "linear")
     with torch.no_grad():
         for n, p in rm.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or n == "head.net.0.weight":  # as trained: adapter and head not at their zero init
                 p.normal_()
     rm.save(tmp_path / "rm")
     prompts, completions = ["Hi there", "What is 2+2?", "Tell me a joke"], ["Hello!", "4", "No."]
@@ -187,7 +187,7 @@ def test_critic_can_start_as_the_reward_model(tiny_llama_dir, tmp_path):
     rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=lora), "linear")
     with torch.no_grad():
         for n, p in rm.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or n == "head.net.0.weight":  # as trained: adapter and head not at their zero init
                 p.normal_()
     rm.save(tmp_path / "rm")
     ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=lora), "shared_lora")

@@ -21,8 +21,12 @@ COMPLETIONS = ["Mix flour, water, yeast and salt, knead, proof, then bake.", "Ap
 
 
 def _lora_rm(tiny_llama_dir, head="linear"):
+    """A LoRA reward model whose head has random output weights, as a trained one would (a new
+    head's output layer is zero, so every reward would be 0)."""
     torch.manual_seed(0)
-    return new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), head)
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), head)
+    torch.nn.init.normal_(rm.head.net[-1].weight)
+    return rm
 
 
 @pytest.mark.parametrize("kind, n_linear", [("linear", 1), ("mlp", 2)])
@@ -32,7 +36,8 @@ def test_heads(kind, n_linear):
     assert len(linears) == n_linear and head.bias.item() == 0.0
     if kind == "mlp":
         assert linears[0].out_features == 1024 and any(isinstance(m, torch.nn.Dropout) for m in head.modules())
-    assert head(torch.randn(3, 16)).shape == (3,)
+    out = head(torch.randn(3, 16))
+    assert out.shape == (3,) and torch.equal(out, torch.zeros(3))  # a new head scores everything 0: BT starts at log 2
     with pytest.raises(ValueError):
         RewardHead(16, "deep")  # type: ignore[arg-type]
 
