@@ -218,15 +218,23 @@ def _linear_leaf_names(model: Any) -> list[str]:
 
 
 def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Cast the frozen weights of the model's matmuls (its Linear layers, LoRA adapters and a
-    tied LM head excepted) to `dtype`, once. Under autocast to that same dtype every forward
-    casts them anyway, so the numbers are unchanged; what goes is the per-call cast (on every
-    decoding step of generation) and half the memory of the base. Returns the elements cast."""
+    """Cast the frozen weights of the model's matmuls (its Linear layers, LoRA adapters
+    excepted) to `dtype`, once. Under autocast to that same dtype every forward casts them
+    anyway, so the numbers are unchanged; what goes is the per-call cast (on every decoding
+    step of generation) and half the memory of the base. Returns the elements cast.
+
+    A frozen LM head tied to the input embeddings gets its own copy in `dtype` (the embeddings
+    stay in full precision: they feed the residual stream, which autocast leaves in fp32).
+    Autocast caches no cast of a frozen weight, so a tied fp32 head was cast on every call:
+    32 ms against 6.5 ms for SmolLM2's 49152 × 576 head on a 16-row decoding step here."""
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     cast = 0
+    if tied and not out_emb.weight.requires_grad and out_emb.weight.dtype == torch.float32:
+        out_emb.weight = torch.nn.Parameter(out_emb.weight.detach().to(dtype), requires_grad=False)
+        cast += out_emb.weight.numel()
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "lora_" in name or (tied and module is out_emb):
+        if not isinstance(module, torch.nn.Linear) or "lora_" in name or module is out_emb:
             continue
         for p in module.parameters(recurse=False):
             if not p.requires_grad and p.dtype == torch.float32:

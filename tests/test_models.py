@@ -126,6 +126,10 @@ def test_frozen_linears_in_bf16_give_the_same_autocast_forward(tiny_llama_dir):
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "embed" in n or "norm" in n)
     assert any(d == torch.bfloat16 for n, d in dtypes.items() if "base_layer" in n)
+    # The tied LM head gets its own bf16 copy; the input embeddings stay fp32.
+    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.dtype == torch.bfloat16 and emb.dtype == torch.float32 and not head.requires_grad
+    assert torch.equal(head, emb.to(torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         after = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
     assert torch.equal(before, after)
@@ -227,6 +231,7 @@ def test_activation_checkpointing_gives_the_same_gradients_across_adapter_switch
             for n, p in ac.policy.named_parameters():
                 if "lora_B" in n:
                     p.normal_()
+            ac.value_head.linear.weight.normal_()  # a new value head is zero: no gradient would reach the critic
         enc = encode_completions(ac.tokenizer, ["Hello there", "Hi"], ["General Kenobi", "you"])
         out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
         (out.logprobs.sum() + out.values.pow(2).sum()).backward()
