@@ -234,7 +234,7 @@ def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
         out_emb.weight = torch.nn.Parameter(out_emb.weight.detach().to(dtype), requires_grad=False)
         cast += out_emb.weight.numel()
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "lora_" in name or module is out_emb:
+        if not isinstance(module, torch.nn.Linear) or "lora_" in name:
             continue
         for p in module.parameters(recurse=False):
             if not p.requires_grad and p.dtype == torch.float32:

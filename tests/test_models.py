@@ -137,6 +137,21 @@ def test_frozen_linears_in_bf16_give_the_same_autocast_forward(tiny_llama_dir):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_untied_lm_head_is_cast_like_any_frozen_linear():
+    """Without tied embeddings the LM head is an ordinary frozen Linear: cast in place, while the
+    input embeddings keep full precision."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from policies.models import store_frozen_linears_in
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).requires_grad_(False)
+    assert store_frozen_linears_in(model, torch.bfloat16) == sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
 def test_8bit_loads_and_runs(tiny_llama_dir):
     import bitsandbytes as bnb
 
