@@ -21,10 +21,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from policies.models import LoadedModel, apply_lora, final_hidden_states, load_model, store_frozen_linears_in
+from policies.models import LoadedModel, apply_lora, completion_logits, final_hidden_states, load_model, store_frozen_linears_in
 from policies.text import Encoded
 from rlhf.config import ModelConfig
-from rlhf.core import entropy_from_logits, position_ids, token_logprobs
+from rlhf.core import entropy_from_logits, token_logprobs
 
 POLICY, CRITIC, REFERENCE, REWARD = "policy", "critic", "reference", "reward"
 
@@ -190,10 +190,7 @@ class ActorCritic(nn.Module):
     # --- forward pieces -----------------------------------------------------------------------
     def _logits(self, model: Any, enc: Encoded) -> torch.Tensor:
         """Logits at the positions that predict completion tokens, (B, C, V)."""
-        ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        C = ids.shape[1] - enc.prompt_width
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=C + 1, use_cache=False).logits
-        return logits[:, :-1]
+        return completion_logits(model, enc.input_ids.to(self.device), enc.attention_mask.to(self.device), enc.prompt_width)
 
     def _logprobs(self, model: Any, enc: Encoded, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self._logits(model, enc)
@@ -212,14 +209,23 @@ class ActorCritic(nn.Module):
         P = enc.prompt_width
         return self.value_head(hidden[:, P - 1 : -1]).float()  # (B, C): state before each token
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
-        """Policy log-probs and entropy (policy adapter) and values (critic), with gradients."""
+    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs (with gradients) and entropy (a metric, no graph), each (B, C)."""
         enc = Encoded(input_ids, attention_mask, torch.zeros_like(input_ids), prompt_width)
         with self.adapter(POLICY):
             logp, ent = self._logprobs(self.policy, enc, with_entropy=True)
+        return logp, ent  # type: ignore[return-value]
+
+    def critic_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """The critic's values V(x, y_<t) (B, C), with gradients."""
+        enc = Encoded(input_ids, attention_mask, torch.zeros_like(input_ids), prompt_width)
         with self.adapter(CRITIC):
-            values = self._values(enc)
-        return ActorCriticOutput(logp, ent, values)  # type: ignore[arg-type]
+            return self._values(enc)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
+        """Policy log-probs and entropy (policy adapter) and values (critic), with gradients."""
+        logp, ent = self.policy_forward(input_ids, attention_mask, prompt_width)
+        return ActorCriticOutput(logp, ent, self.critic_forward(input_ids, attention_mask, prompt_width))
 
     @torch.no_grad()
     def reference_logprobs(self, enc: Encoded) -> torch.Tensor:
@@ -227,9 +233,12 @@ class ActorCritic(nn.Module):
             return self._logprobs(ref, enc, with_entropy=False)[0]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Any, *, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+        """(B, P + C) prompts and the policy's sampled completions (policies.text.sample_tokens)."""
+        from policies.text import sample_tokens
+
         with self.adapter(POLICY):
-            return self.policy.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs)
+            return sample_tokens(self.policy, input_ids.to(self.device), attention_mask.to(self.device), sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
     # --- state --------------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -161,37 +161,45 @@ def enable_activation_checkpointing(model: Any) -> int:
     while autograd records. Returns the number of layers wrapped."""
     import types
 
-    from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    def adapter_state(layer: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
+    def checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self).forward
+        if not torch.is_grad_enabled():
+            return forward(self, *args, **kwargs)
+        return run_checkpointed(self, lambda *a, **k: forward(self, *a, **k), *args, **kwargs)
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        # A bound method (not a closure), so that copy.deepcopy of the model rebinds it to the copy.
+        layer.forward = types.MethodType(checkpointed_forward, layer)
+        layer._rlhf_checkpointed = True  # the packed forward (policies.packed) checkpoints it too
+    return len(layers)
+
+
+def run_checkpointed(layer: torch.nn.Module, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) under non-reentrant activation checkpointing, recomputed in the backward
+    with the LoRA adapters that were active in the forward (see enable_activation_checkpointing)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def adapter_state() -> list[tuple[Any, Any, Any]]:
         return [(m, m._active_adapter, m._disable_adapters) for m in layer.modules() if hasattr(m, "_disable_adapters")]
 
     def restore(state: list[tuple[Any, Any, Any]]) -> None:
         for m, active, disabled in state:
             m._active_adapter, m._disable_adapters = active, disabled
 
-    def checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        forward = type(self).forward
-        if not torch.is_grad_enabled():
-            return forward(self, *args, **kwargs)
-        at_forward = adapter_state(self)
+    at_forward = adapter_state()
 
-        def run(*a: Any, **k: Any) -> Any:
-            now = adapter_state(self)
-            restore(at_forward)
-            try:
-                return forward(self, *a, **k)
-            finally:
-                restore(now)
+    def run(*a: Any, **k: Any) -> Any:
+        now = adapter_state()
+        restore(at_forward)
+        try:
+            return fn(*a, **k)
+        finally:
+            restore(now)
 
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        # A bound method (not a closure), so that copy.deepcopy of the model rebinds it to the copy.
-        layer.forward = types.MethodType(checkpointed_forward, layer)
-    return len(layers)
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def unwrap_causal_lm(model: Any) -> Any:
@@ -202,12 +210,31 @@ def unwrap_causal_lm(model: Any) -> Any:
 
 def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states (B, T, D) of a causal LM (peft-wrapped or not), without running
-    its LM head; positions restart at each row's first real token (left padding)."""
+    its LM head; positions restart at each row's first real token (left padding). Llama-family
+    models run padding-free (policies.packed): padding positions then hold zeros."""
+    from policies.packed import can_pack, packed_hidden_states
     from rlhf.core import position_ids
 
+    if can_pack(model, input_ids.shape[1]):
+        return packed_hidden_states(model, input_ids, attention_mask)
     decoder = unwrap_causal_lm(model).base_model
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
     return out.last_hidden_state
+
+
+def completion_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """Logits (B, C, V) at the positions P-1 … P+C-2 that predict the completion tokens of
+    (B, P + C) rows: only those positions go through the LM head (the (B, P, V) projection of
+    the prompt would be the largest tensor of the pass)."""
+    from policies.packed import can_pack
+    from rlhf.core import position_ids
+
+    C = input_ids.shape[1] - prompt_width
+    if can_pack(model, input_ids.shape[1]):
+        hidden = final_hidden_states(model, input_ids, attention_mask)
+        return unwrap_causal_lm(model).get_output_embeddings()(hidden[:, prompt_width - 1 : -1])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), logits_to_keep=C + 1, use_cache=False)
+    return out.logits[:, :-1]
 
 
 def _linear_leaf_names(model: Any) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.config import SamplingConfig
-from rlhf.core import masked_sum, position_ids, token_logprobs, truncate_after_eos
+from rlhf.core import masked_sum, token_logprobs, truncate_after_eos
 from rlhf.data import Prompt
 
 
@@ -85,12 +85,12 @@ def sequence_logprob(model: Any, enc: Encoded, temperature: float = 1.0) -> torc
     """Σ_t log π(y_t | x, y_<t) over completion tokens. Returns (B,) float32."""
     device = next(model.parameters()).device
     ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)
-    # Only positions P-1 … P+C-2 predict completion tokens: asking for those logits alone skips
-    # the (B, P, V) vocabulary projection of the prompt, the largest tensor of the pass.
+    from policies.models import completion_logits
+
     width = ids.shape[1] - enc.prompt_width
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=width + 1).logits
+    logits = completion_logits(model, ids, attn, enc.prompt_width)  # (B, C, V)
     targets = ids[:, -width:]  # (B, C)
-    lp = token_logprobs(logits[:, :-1], targets, temperature)  # (B, C)
+    lp = token_logprobs(logits, targets, temperature)  # (B, C)
     return masked_sum(lp, enc.completion_mask[:, -width:].to(device))
 
 
@@ -105,6 +105,30 @@ class Generation:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Completions for left-padded prompt rows: (B, P + C) prompt then sampled tokens, padding
+    after each row's EOS. Llama-family models take the padding-free sampler
+    (policies.packed.packed_generate), others transformers' `generate`; both sample from
+    softmax(logits / temperature) after top-k / top-p, or take the argmax at temperature 0."""
+    from policies.packed import can_pack, packed_generate
+
+    if can_pack(model, input_ids.shape[1] + cfg.max_new_tokens):
+        return packed_generate(model, input_ids, attention_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.temperature > 0,
+        temperature=cfg.temperature if cfg.temperature > 0 else None,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
 def generate(model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingConfig) -> Generation:
     """Sample one completion per prompt. top_k=0 and top_p=1 leave the distribution untouched,
     so PPO's log-probs (computed with the same temperature) are those of the sampling policy."""
@@ -113,17 +137,7 @@ def generate(model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingCon
     if tok.padding_side != "left":
         raise ValueError("generation needs a left-padding tokenizer (policies.tokenizers.load_tokenizer)")
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=attn,
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.temperature > 0,
-        temperature=cfg.temperature if cfg.temperature > 0 else None,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    out = sample_tokens(model, ids, attn, cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     completion = out[:, ids.shape[1] :]
     completion, mask, finished = truncate_after_eos(completion, tok.eos_token_id, tok.pad_token_id)
     texts = tok.batch_decode(completion, skip_special_tokens=True)

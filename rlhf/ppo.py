@@ -87,6 +87,8 @@ class PPOConfig:
     clip: float = doc(0.2, "policy ratio clip ε")
     value_clip: float = doc(0.2, "value clip ε_V")
     vf_coef: float = doc(0.1, "value-loss weight")
+    sequential_backward: bool = doc(True, "one process: backpropagate the policy, then the critic in `critic_chunks` row chunks, so their activation graphs never coexist in full (same gradients, less peak memory)")
+    critic_chunks: int = doc(4, "with sequential_backward: row chunks the critic's forward and backward run in")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
     seed: int = doc(0, "random seed")
     output_dir: str = doc("runs/ppo", "run directory")
@@ -98,6 +100,8 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.batch_size % (self.num_minibatches * self.grad_accum_steps):
             raise ValueError("batch_size must be divisible by num_minibatches × grad_accum_steps")
+        if self.critic_chunks < 1:
+            raise ValueError(f"critic_chunks must be at least 1, got {self.critic_chunks}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,18 +131,25 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, C) Â_t (whitened)
     returns: torch.Tensor | None = None  # (B, C) R_t = Â_t + V_old(s_t) before whitening
 
-    def set_old(self, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> None:
-        """Given π_old's log-probs and V_old's values (B, C), compute the per-token rewards
-        (score at the last token − β·KL at every token), GAE advantages and returns."""
-        m = self.mask.to(logprobs.device).float()
+    def advantages_and_returns(self, rows: Any, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE advantages (not whitened) and returns of the rollout's `rows`, given their π_old
+        log-probs and V_old values (len(rows), C): the per-token rewards are the score at the
+        last token − β·KL at every token. Row by row, so a chunk of rows gets what the whole
+        batch would give it."""
+        m = self.mask[rows].to(logprobs.device).float()
         logprobs, values = logprobs.detach().float() * m, values.detach().float() * m
-        ref = self.ref_logprobs.to(logprobs.device)
-        kl = kl_penalty(logprobs, ref, cfg.kl.estimator)
-        rewards = per_token_rewards(self.scores.to(logprobs.device), kl, m, self.kl_coef)
-        advantages, returns = gae(rewards, values, m, cfg.gamma, cfg.lam)
+        kl = kl_penalty(logprobs, self.ref_logprobs[rows].to(logprobs.device), cfg.kl.estimator)
+        rewards = per_token_rewards(self.scores[rows].to(logprobs.device), kl, m, self.kl_coef)
+        return gae(rewards, values, m, cfg.gamma, cfg.lam)
+
+    def set_old(self, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> None:
+        """Given π_old's log-probs and V_old's values (B, C), compute the per-token rewards,
+        GAE advantages (whitened over the batch) and returns."""
+        m = self.mask.to(logprobs.device).float()
+        advantages, returns = self.advantages_and_returns(slice(None), logprobs, values, cfg)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, m)
-        self.logprobs, self.values = logprobs.cpu(), values.cpu()
+        self.logprobs, self.values = (logprobs.detach().float() * m).cpu(), (values.detach().float() * m).cpu()
         self.advantages, self.returns = advantages.cpu(), returns.cpu()
 
 
@@ -289,14 +300,7 @@ def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[t
     prompt_ids, prompt_mask = batch["input_ids"][:, -cfg.max_prompt_tokens :], batch["attention_mask"][:, -cfg.max_prompt_tokens :]
     ac.eval()  # dropout off in every model: rollout and update log-probs must agree (Huang et al. 2024)
     with autocast(ac.device, amp):
-        out = ac.generate(
-            prompt_ids, prompt_mask,
-            max_new_tokens=cfg.sampling.max_new_tokens,
-            do_sample=cfg.sampling.temperature > 0,
-            temperature=cfg.sampling.temperature if cfg.sampling.temperature > 0 else None,
-            top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        ).cpu()
+        out = ac.generate(prompt_ids, prompt_mask, cfg.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).cpu()
     # Keep tokens up to the first EOS; later ones are padding and never scored or trained.
     completion, mask, finished = truncate_after_eos(out[:, prompt_ids.shape[1] :], tok.eos_token_id, tok.pad_token_id)
     completion_texts = tok.batch_decode(completion, skip_special_tokens=True)
@@ -338,6 +342,9 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
     sums: dict[str, float] = {}
     n = 0
     fused = ro.logprobs is None
+    # Under DDP a step must be one forward and one backward of the wrapped module; one process
+    # can run the policy and the critic one after the other (see _micro_step_sequential).
+    sequential = cfg.sequential_backward and accelerator.num_processes == 1
     if fused and not fuse_old_forward(cfg):
         raise ValueError("a rollout without old log-probs needs num_minibatches == grad_accum_steps == 1")
     for epoch in range(cfg.ppo_epochs):
@@ -348,8 +355,11 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
                 idx = mb_idx[mi : mi + micro]
                 # Under DDP, synchronise gradients only on the minibatch's last micro-batch.
                 last = mi + micro >= mb_size
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    out_stats = _micro_step(model, unwrapped, ro, idx, cfg, amp, accelerator)
+                if sequential:
+                    out_stats = _micro_step_sequential(unwrapped, ro, idx, cfg, amp, accelerator)
+                else:
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        out_stats = _micro_step(model, unwrapped, ro, idx, cfg, amp, accelerator)
                 for k, v in out_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
@@ -378,6 +388,65 @@ def _micro_step(model: Any, unwrapped: ActorCritic, ro: Rollout, idx: list[int],
         "loss/policy": float(pg.loss.detach()), "loss/value": float(vf_loss.detach()), "policy/clip_fraction": float(pg.clip_fraction),
         "policy/approx_kl": float(pg.approx_kl), "value/clip_fraction": float(vf_clip),
         "policy/entropy": float(masked_mean(out.entropy.detach().float(), m)),
+        "value/explained_variance": float(explained_variance(ro.values[idx].to(dev), ro.returns[idx].to(dev), m)),
+    }
+
+
+def _micro_step_sequential(ac: ActorCritic, ro: Rollout, idx: list[int], cfg: PPOConfig, amp: torch.dtype | None, accelerator: Any) -> dict[str, float]:
+    """`_micro_step` with the same loss and gradients, run so that the policy's and the critic's
+    activation graphs never coexist in full: peak memory is about one model's graph instead of
+    two, at no extra compute.
+
+    The policy goes first. On a fused first step (π_old and V_old come from this forward) the
+    policy loss needs advantages, which need V_old for every row, so the policy's graph waits
+    while the critic runs chunk by chunk: each chunk's returns need only its own rows' π_old and
+    V_old (GAE is per row), so its value loss is formed and backpropagated at once. Then the
+    advantages are whitened over the batch and the policy loss is backpropagated. Otherwise
+    (advantages known) the policy loss is backpropagated before the critic starts."""
+    dev = ac.device
+    enc = ro.enc
+    P = enc.prompt_width
+    ids, attn = enc.input_ids[idx].to(dev), enc.attention_mask[idx].to(dev)
+    m = ro.mask[idx].to(dev).float()
+    n_tokens = m.sum().clamp_min(1.0)
+    scale = 1.0 / cfg.grad_accum_steps
+    with autocast(dev, amp):
+        logp, entropy = ac.policy_forward(ids, attn, P)
+    logp = logp.float()
+    fused = ro.logprobs is None
+
+    def policy_backward() -> Any:
+        pg = ppo_policy_loss(logp, ro.logprobs[idx].to(dev), ro.advantages[idx].to(dev), m, cfg.clip)
+        accelerator.backward(pg.loss * scale)
+        return pg
+
+    pg = None if fused else policy_backward()
+    vf_loss = vf_clip = 0.0
+    values_old = torch.zeros_like(logp)
+    for chunk in torch.arange(len(idx)).chunk(min(cfg.critic_chunks, len(idx))):
+        rows = [idx[i] for i in chunk.tolist()]
+        with autocast(dev, amp):
+            values = ac.critic_forward(ids[chunk], attn[chunk], P).float()
+        mc = m[chunk]
+        if fused:  # V_old = V on this chunk; its returns need only its rows (GAE is per row)
+            old_values = values.detach() * mc
+            returns = ro.advantages_and_returns(rows, logp[chunk], values, cfg)[1]
+            values_old[chunk] = old_values
+        else:
+            old_values, returns = ro.values[rows].to(dev), ro.returns[rows].to(dev)
+        loss, clip_frac = clipped_value_loss(values, old_values, returns, mc, cfg.value_clip)
+        weight = mc.sum() / n_tokens  # chunk means → the masked mean over all of idx
+        accelerator.backward(cfg.vf_coef * loss * weight * scale)
+        vf_loss += float(loss.detach()) * float(weight)
+        vf_clip += float(clip_frac) * float(weight)
+    if fused:  # θ = θ_old and idx is the whole batch
+        order = torch.argsort(torch.tensor(idx))
+        ro.set_old(logp[order], values_old[order], cfg)
+        pg = policy_backward()
+    return {
+        "loss/policy": float(pg.loss.detach()), "loss/value": vf_loss, "policy/clip_fraction": float(pg.clip_fraction),
+        "policy/approx_kl": float(pg.approx_kl), "value/clip_fraction": vf_clip,
+        "policy/entropy": float(masked_mean(entropy.detach().float(), m)),
         "value/explained_variance": float(explained_variance(ro.values[idx].to(dev), ro.returns[idx].to(dev), m)),
     }
 
