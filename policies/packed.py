@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from typing import Any, Iterator
 
@@ -104,6 +105,35 @@ def _packed_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return flat.nonzero().squeeze(-1)
 
 
+def grouped_eager_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor, scaling: float, dropout: float = 0.0, **_: Any) -> tuple[torch.Tensor, None]:
+    """transformers' eager attention, softmax(q·kᵀ·s + mask)·v, with the query heads that share
+    a key/value head stacked into one matrix instead of copying keys and values once per query
+    head (repeat_kv), and the scale applied to q when it is a power of two (q·kᵀ·2ᵏ = (q·2ᵏ)·kᵀ
+    exactly, on a tensor H/H_kv·T/L times smaller than the scores). Same softmax in fp32, same
+    dtypes under autocast. query (B, H, T, d); key, value (B, H_kv, L, d); returns (B, T, H, d)."""
+    B, H, T, d = query.shape
+    Hk, L = key.shape[1], key.shape[2]
+    g = H // Hk
+    exact = math.frexp(scaling)[0] == 0.5  # a power of two
+    if exact:
+        query = query * scaling
+    scores = torch.matmul(query.reshape(B, Hk, g * T, d), key.transpose(-1, -2))  # (B, Hk, g·T, L)
+    if not exact:
+        scores = scores * scaling
+    scores = scores.view(B, H, T, L) + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.view(B, Hk, g * T, L), value)  # (B, Hk, g·T, d)
+    return out.view(B, H, T, d).transpose(1, 2), None
+
+
+def _attention_function(kind: str, module: Any) -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if kind == "eager":
+        return grouped_eager_attention
+    return ALL_ATTENTION_FUNCTIONS.get_interface(kind, sys.modules[type(module).__module__].eager_attention_forward)
+
+
 def _to_padded(t: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """(N, H, d) real-token rows → (B, H, T, d) with zeros at padding."""
     out = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, index, t)
@@ -142,7 +172,6 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     """Final hidden states (B, T, D) of a packable decoder (`can_pack`), computed on the real
     tokens only; padding positions hold zeros. Positions restart at each row's first real token."""
     from policies.models import run_checkpointed
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     lm = _causal_lm(model)
     decoder, cfg = lm.model, lm.config
@@ -155,7 +184,7 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     kind = cfg._attn_implementation
     mask = _attention_mask(attention_mask, kind, x.dtype)
     first = decoder.layers[0].self_attn
-    attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(kind, sys.modules[type(first).__module__].eager_attention_forward)
+    attn_fn = _attention_function(kind, first)
     rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         for layer in decoder.layers[: cfg.num_hidden_layers]:
@@ -217,7 +246,6 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     token per row against preallocated key/value buffers. transformers' `generate` adds about
     20 ms a step on this project's CPU (attention-mask rebuilding, cache concatenation,
     stopping-criteria checks and multinomial sampling) to a 60–80 ms step of SmolLM2-135M."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     lm = _causal_lm(model)
     decoder, cfg = lm.model, lm.config
@@ -230,9 +258,8 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     dev = input_ids.device
     kind = cfg._attn_implementation
     first = decoder.layers[0].self_attn
-    module = sys.modules[type(first).__module__]
-    attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(kind, module.eager_attention_forward)
-    rope = module.apply_rotary_pos_emb
+    attn_fn = _attention_function(kind, first)
+    rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
     layers = decoder.layers[: cfg.num_hidden_layers]
     amp = torch.is_autocast_enabled(dev.type)
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():

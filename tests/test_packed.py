@@ -18,7 +18,8 @@ from rlhf.core import position_ids
 def _tiny(kind: str, attn: str = "eager", **extra):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    extra = {"hidden_size": 32, **extra}
+    common = dict(vocab_size=97, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, **extra)
     torch.manual_seed(0)
     if kind == "qwen2":
@@ -71,8 +72,9 @@ def test_packed_hidden_states_match_the_padded_forward(kind, attn, multiple, mon
     assert (packed[~real] == 0).all()  # padding positions hold zeros, never leftovers
 
 
-def test_packed_forward_under_bf16_autocast_is_the_padded_one_bit_for_bit():
-    model = _with_lora(_tiny("llama"))
+@pytest.mark.parametrize("hidden", [32, 64])  # head_dim 8: scale 8^-½; head_dim 16: scale ¼, folded into q
+def test_packed_forward_under_bf16_autocast_is_the_padded_one_bit_for_bit(hidden):
+    model = _with_lora(_tiny("llama", hidden_size=hidden))
     ids, mask = _batch()
     with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
         packed, padded = packed_hidden_states(model, ids, mask), _padded_hidden(model, ids, mask)
