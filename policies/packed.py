@@ -9,8 +9,9 @@ activations) on the N real tokens only, as one (N, D) matrix, and scatters queri
 values into the padded (B, H, T, d) layout just for the attention product, which is small.
 
 It calls the model's own modules (so LoRA adapters, 4-bit layers and the active adapter all
-apply as usual), the model's own rotary embedding and its attention function (eager or sdpa),
-so on the real tokens it computes what the model's padded forward computes.
+apply as usual), the model's own rotary embedding, and its sdpa attention or an eager attention
+with the same arithmetic (`grouped_eager_attention`), so on the real tokens it computes what
+the model's padded forward computes.
 `tests/test_packed.py` checks this against the transformers forward, with adapters, under
 autocast and with activation checkpointing. Other architectures, and other attention kernels,
 fall back to the transformers forward (`can_pack`).
@@ -26,20 +27,17 @@ from typing import Any, Iterator
 
 import torch
 
+from policies.models import run_checkpointed, unwrap_causal_lm
 from rlhf.core import position_ids as positions_of
 
 PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def _causal_lm(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def can_pack(model: Any, seq_len: int | None = None) -> bool:
     """Whether `packed_hidden_states` reproduces this model's forward: a Llama-family decoder
     (pre-norm attention and gated MLP, rotary positions, no embedding scale), eager or sdpa
     attention, and full attention in every layer for sequences of this length."""
-    cfg = _causal_lm(model).config
+    cfg = unwrap_causal_lm(model).config
     if getattr(cfg, "model_type", None) not in PACKABLE_MODEL_TYPES:
         return False
     if getattr(cfg, "_attn_implementation", None) not in ("eager", "sdpa"):
@@ -52,7 +50,7 @@ def can_pack(model: Any, seq_len: int | None = None) -> bool:
     window = getattr(cfg, "sliding_window", None)
     if window is not None and (seq_len is None or seq_len > window):
         return False
-    decoder = getattr(_causal_lm(model), "model", None)
+    decoder = getattr(unwrap_causal_lm(model), "model", None)
     return all(hasattr(decoder, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb"))
 
 
@@ -145,17 +143,28 @@ def _layer_forward(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     LlamaDecoderLayer / LlamaAttention forward, token for token. With `kv` (generation), the
     layer's keys (after RoPE) and values, padded (B, H_kv, T, d), are appended to it."""
     attn = layer.self_attn
-    N, d = x.shape[0], attn.head_dim
-    h = _amp_input(layer.input_layernorm(x))
-    q = attn.q_proj(h).view(N, -1, d)
-    k = attn.k_proj(h).view(N, -1, d)
-    v = attn.v_proj(h).view(N, -1, d)
-    q, k = rope(q, k, cos, sin, unsqueeze_dim=1)
+    q, k, v = _rotated_qkv(layer, x, cos, sin, rope)
     K, V = _to_padded(k, index, B, T), _to_padded(v, index, B, T)
     if kv is not None:
         kv.append((K, V))
     out, _ = attn_fn(attn, _to_padded(q, index, B, T), K, V, mask, dropout=0.0, scaling=attn.scaling)
-    x = x + attn.o_proj(out.reshape(B * T, -1)[index])  # out: (B, T, H, d)
+    return _output_and_mlp(layer, x, out.reshape(B * T, -1)[index])  # out: (B, T, H, d)
+
+
+def _rotated_qkv(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries and keys (after RoPE) and values, (n, H, d), of the residual-stream rows x (n, D)."""
+    attn = layer.self_attn
+    n, d = x.shape[0], attn.head_dim
+    h = _amp_input(layer.input_layernorm(x))
+    q, k, v = (proj(h).view(n, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = rope(q, k, cos, sin, unsqueeze_dim=1)
+    return q, k, v
+
+
+def _output_and_mlp(layer: Any, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer: output projection of the attention result (n, H·d) and residual,
+    then the MLP block and residual."""
+    x = x + layer.self_attn.o_proj(attended)
     h = _amp_input(layer.post_attention_layernorm(x))
     return x + layer.mlp(h)
 
@@ -171,9 +180,8 @@ def _amp_input(h: torch.Tensor) -> torch.Tensor:
 def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states (B, T, D) of a packable decoder (`can_pack`), computed on the real
     tokens only; padding positions hold zeros. Positions restart at each row's first real token."""
-    from policies.models import run_checkpointed
 
-    lm = _causal_lm(model)
+    lm = unwrap_causal_lm(model)
     decoder, cfg = lm.model, lm.config
     B, T = input_ids.shape
     index = _packed_index(attention_mask)
@@ -201,19 +209,11 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
 def _decode_layer(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, K: torch.Tensor, V: torch.Tensor, col: int, mask: torch.Tensor, attn_fn: Any, rope: Any) -> torch.Tensor:
     """One decoder layer for one new token per row: x (B, D); K, V (B, H_kv, L, d) buffers whose
     column `col` receives this token's key and value; attention over columns 0 … col."""
-    attn = layer.self_attn
-    B, d = x.shape[0], attn.head_dim
-    h = _amp_input(layer.input_layernorm(x))
-    q = attn.q_proj(h).view(B, -1, d)
-    k = attn.k_proj(h).view(B, -1, d)
-    v = attn.v_proj(h).view(B, -1, d)
-    q, k = rope(q, k, cos, sin, unsqueeze_dim=1)
+    q, k, v = _rotated_qkv(layer, x, cos, sin, rope)
     K[:, :, col] = k
     V[:, :, col] = v
-    out, _ = attn_fn(attn, q[:, :, None], K[:, :, : col + 1], V[:, :, : col + 1], mask[..., : col + 1], dropout=0.0, scaling=attn.scaling)
-    x = x + attn.o_proj(out.reshape(B, -1))
-    h = _amp_input(layer.post_attention_layernorm(x))
-    return x + layer.mlp(h)
+    out, _ = attn_fn(layer.self_attn, q[:, :, None], K[:, :, : col + 1], V[:, :, : col + 1], mask[..., : col + 1], dropout=0.0, scaling=layer.self_attn.scaling)
+    return _output_and_mlp(layer, x, out.reshape(x.shape[0], -1))
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -247,7 +247,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     20 ms a step on this project's CPU (attention-mask rebuilding, cache concatenation,
     stopping-criteria checks and multinomial sampling) to a 60–80 ms step of SmolLM2-135M."""
 
-    lm = _causal_lm(model)
+    lm = unwrap_causal_lm(model)
     decoder, cfg = lm.model, lm.config
     B, P = input_ids.shape
     L = P + max_new_tokens
@@ -264,7 +264,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     amp = torch.is_autocast_enabled(dev.type)
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
         # prefill: the prompts' real tokens, keys and values kept per layer
-        index = attention_mask.reshape(-1).nonzero().squeeze(-1)
+        index = _packed_index(attention_mask)
         x = decoder.embed_tokens(input_ids.reshape(-1)[index])
         pos = positions_of(attention_mask)
         cos, sin = decoder.rotary_emb(x[None], pos.reshape(-1)[index][None])
@@ -278,7 +278,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
             Vb = V.new_zeros(B, V.shape[1], L, V.shape[3])
             Kb[:, :, :P], Vb[:, :, :P] = K, V
             caches.append((Kb, Vb))
-        last = attention_mask.sum(-1).cumsum(0) - 1  # each row's last prompt token in the packed order
+        last = torch.searchsorted(index, torch.arange(B, device=dev) * P + P - 1)  # each row's last prompt token
         head = lm.get_output_embeddings()
         logits = head(decoder.norm(x[last])).float()
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
+from policies.models import completion_logits
+from policies.packed import can_pack, packed_generate
 from rlhf.config import SamplingConfig
 from rlhf.core import masked_sum, token_logprobs, truncate_after_eos
 from rlhf.data import Prompt
@@ -85,8 +87,6 @@ def sequence_logprob(model: Any, enc: Encoded, temperature: float = 1.0) -> torc
     """Σ_t log π(y_t | x, y_<t) over completion tokens. Returns (B,) float32."""
     device = next(model.parameters()).device
     ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)
-    from policies.models import completion_logits
-
     width = ids.shape[1] - enc.prompt_width
     logits = completion_logits(model, ids, attn, enc.prompt_width)  # (B, C, V)
     targets = ids[:, -width:]  # (B, C)
@@ -111,9 +111,7 @@ def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     after each row's EOS. Llama-family models take the padding-free sampler
     (policies.packed.packed_generate), others transformers' `generate`; both sample from
     softmax(logits / temperature) after top-k / top-p, or take the argmax at temperature 0."""
-    from policies.packed import can_pack, packed_generate
-
-    if can_pack(model, input_ids.shape[1] + cfg.max_new_tokens):
+    if cfg.engine == "auto" and can_pack(model, input_ids.shape[1] + cfg.max_new_tokens):
         return packed_generate(model, input_ids, attention_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     return model.generate(

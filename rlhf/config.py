@@ -109,6 +109,7 @@ class SamplingConfig:
     temperature: float = doc(0.7, "sampling temperature (0 = greedy); log-probs are always recomputed at this temperature")
     top_k: int = doc(0, "top-k filter; 0 disables it so samples come from the full policy distribution")
     top_p: float = doc(1.0, "nucleus filter; 1.0 disables it")
+    engine: Literal["auto", "transformers"] = doc("auto", "'auto': the padding-free sampler for Llama-family models (policies.packed), else transformers' generate; 'transformers': always generate")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:

@@ -230,3 +230,21 @@ def test_packed_generation_refuses_right_padded_prompts():
     ids, mask = _batch()  # row 1 is right-padded
     with pytest.raises(ValueError, match="left-padded"):
         packed_generate(model, ids, mask, max_new_tokens=2, temperature=1.0, eos_token_id=96, pad_token_id=0)
+
+
+def test_sampling_engine_picks_the_sampler(monkeypatch):
+    import policies.text
+    from policies.text import sample_tokens
+    from rlhf.config import SamplingConfig
+
+    model = _tiny("llama")
+    ids, mask = _prompts()
+    calls = []
+    real = policies.text.packed_generate
+    monkeypatch.setattr(policies.text, "packed_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        auto = sample_tokens(model, ids, mask, SamplingConfig(max_new_tokens=4, temperature=0.0), eos_token_id=96, pad_token_id=0)
+        assert calls == [1]
+        hf = sample_tokens(model, ids, mask, SamplingConfig(max_new_tokens=4, temperature=0.0, engine="transformers"), eos_token_id=96, pad_token_id=0)
+        assert calls == [1]  # transformers' generate, not the packed sampler
+    assert torch.equal(auto, hf)

@@ -99,79 +99,68 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert len((tmp_path / "run" / "eval_samples_after.jsonl").read_text().splitlines()) == 2
 
 
-def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_path):
-    """With one minibatch, π_old and V_old taken from the first training forward give the same
-    advantages, the same statistics and the same trained parameters as a separate no-grad pass."""
-    from accelerate import Accelerator
-
-    from policies.text import render_prompt
-    from rewards.registry import build_provider
-    from rlhf.ppo import RunningMoments, collect_rollout, fuse_old_forward, ppo_update
-
-    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "ppo_epochs=2")
-    assert fuse_old_forward(cfg) and not fuse_old_forward(tiny_ppo_cfg(tiny_llama_dir, tmp_path, "num_minibatches=2"))
-    provider = build_provider(cfg.reward)
-    results = []
-    for with_old in (True, False):
-        torch.manual_seed(0)
-        ac = ActorCritic.build(cfg.model, cfg.layout)
-        ac.temperature = cfg.sampling.temperature
-        prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["Hi there", "How are you?", "Tell me a joke", "What is 2+2?"]]
-        torch.manual_seed(1)
-        ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), None, with_old=with_old)
-        assert (ro.advantages is None) == (not with_old)
-        init = {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}
-        optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
-        torch.manual_seed(2)
-        stats = ppo_update(ac, optimizer, Accelerator(cpu=True), ro, cfg, None)
-        results.append((ro, stats, {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}))
-    (ro_a, stats_a, params_a), (ro_b, stats_b, params_b) = results
-    for field in ("logprobs", "values", "advantages", "returns"):
-        torch.testing.assert_close(getattr(ro_b, field), getattr(ro_a, field), atol=1e-5, rtol=1e-5)
-    assert stats_a.keys() == stats_b.keys()
-    for k in stats_a:
-        assert stats_b[k] == pytest.approx(stats_a[k], rel=1e-4, abs=1e-5), k
-    for n in params_a:
-        torch.testing.assert_close(params_b[n], params_a[n], atol=1e-5, rtol=1e-4)
-    assert any(not torch.equal(params_a[n], init[n]) for n in init)  # the update did train
-
-
-@pytest.mark.parametrize("overrides, with_old", [(("ppo_epochs=2",), False), (("num_minibatches=2", "ppo_epochs=2"), True)])
-def test_sequential_backward_gives_the_joint_update(tiny_llama_dir, tmp_path, overrides, with_old):
-    """Policy, then critic in row chunks (never both graphs in full) trains exactly as one joint
-    forward and backward, on a fused first step and on steps with known advantages."""
+def _one_update(cfg, *, with_old, random_value_head=False):
+    """One rollout of 4 fixed prompts and one ppo_update, seeded: (rollout, stats, parameters
+    after, parameters before)."""
     from accelerate import Accelerator
 
     from policies.text import render_prompt
     from rewards.registry import build_provider
     from rlhf.ppo import RunningMoments, collect_rollout, ppo_update
 
-    results = []
-    for sequential in (False, True):
-        cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, *overrides, f"sequential_backward={str(sequential).lower()}", "critic_chunks=3")
-        provider = build_provider(cfg.reward)
-        torch.manual_seed(0)
-        ac = ActorCritic.build(cfg.model, cfg.layout)
-        with torch.no_grad():  # a critic that is not V ≡ 0, so value gradients and clipping matter
+    provider = build_provider(cfg.reward)
+    torch.manual_seed(0)
+    ac = ActorCritic.build(cfg.model, cfg.layout)
+    if random_value_head:  # a critic that is not V ≡ 0, so value gradients and clipping matter
+        with torch.no_grad():
             ac.value_head.linear.weight.normal_(0, 0.3)
-        ac.temperature = cfg.sampling.temperature
-        prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["Hi there", "How are you?", "Tell me a joke", "What is 2+2?"]]
-        torch.manual_seed(1)
-        ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), None, with_old=with_old)
-        init = {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}
-        optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
-        torch.manual_seed(2)
-        stats = ppo_update(ac, optimizer, Accelerator(cpu=True), ro, cfg, None)
-        results.append((ro, stats, {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}, init))
-    (ro_a, stats_a, params_a, init), (ro_b, stats_b, params_b, _) = results
+    ac.temperature = cfg.sampling.temperature
+    prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["Hi there", "How are you?", "Tell me a joke", "What is 2+2?"]]
+    torch.manual_seed(1)
+    ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), None, with_old=with_old)
+    assert (ro.advantages is None) == (not with_old)
+    init = {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}
+    optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
+    torch.manual_seed(2)
+    stats = ppo_update(ac, optimizer, Accelerator(cpu=True), ro, cfg, None)
+    return ro, stats, {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}, init
+
+
+def _assert_same_update(a, b, *, atol):
+    (ro_a, stats_a, params_a, _), (ro_b, stats_b, params_b, _) = a, b
     for field in ("logprobs", "values", "advantages", "returns"):
-        torch.testing.assert_close(getattr(ro_b, field), getattr(ro_a, field), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(getattr(ro_b, field), getattr(ro_a, field), atol=atol, rtol=1e-5)
     assert stats_a.keys() == stats_b.keys()
     for k in stats_a:
-        assert stats_b[k] == pytest.approx(stats_a[k], rel=1e-4, abs=1e-6), k
+        assert stats_b[k] == pytest.approx(stats_a[k], rel=1e-4, abs=atol), k
     for n in params_a:
-        torch.testing.assert_close(params_b[n], params_a[n], atol=1e-6, rtol=1e-4)
-    moved = [n for n in init if not torch.equal(params_a[n], init[n])]
+        torch.testing.assert_close(params_b[n], params_a[n], atol=atol, rtol=1e-4)
+
+
+def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_path):
+    """With one minibatch, π_old and V_old taken from the first training forward give the same
+    advantages, the same statistics and the same trained parameters as a separate no-grad pass."""
+    from rlhf.ppo import fuse_old_forward
+
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "ppo_epochs=2")
+    assert fuse_old_forward(cfg) and not fuse_old_forward(tiny_ppo_cfg(tiny_llama_dir, tmp_path, "num_minibatches=2"))
+    separate, fused = _one_update(cfg, with_old=True), _one_update(cfg, with_old=False)
+    _assert_same_update(separate, fused, atol=1e-5)
+    params, init = separate[2], separate[3]
+    assert any(not torch.equal(params[n], init[n]) for n in init)  # the update did train
+
+
+@pytest.mark.parametrize("overrides, with_old", [(("ppo_epochs=2",), False), (("num_minibatches=2", "ppo_epochs=2"), True)])
+def test_sequential_backward_gives_the_joint_update(tiny_llama_dir, tmp_path, overrides, with_old):
+    """Policy, then critic in row chunks (never both graphs in full) trains exactly as one joint
+    forward and backward, on a fused first step and on steps with known advantages."""
+    joint, sequential = (
+        _one_update(tiny_ppo_cfg(tiny_llama_dir, tmp_path, *overrides, f"sequential_backward={flag}", "critic_chunks=3"), with_old=with_old, random_value_head=True)
+        for flag in ("false", "true")
+    )
+    _assert_same_update(joint, sequential, atol=1e-6)
+    params, init = joint[2], joint[3]
+    moved = [n for n in init if not torch.equal(params[n], init[n])]
     assert any(".policy." in n for n in moved) and any(".critic." in n for n in moved) and "value_head.linear.weight" in moved
 
 
