@@ -177,25 +177,35 @@ def _amp_input(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _parts(model: Any) -> tuple[Any, Any, Any, Any]:
+    """The decoder, its layers, the attention function and the rotary helper of a packable model."""
+    lm = unwrap_causal_lm(model)
+    decoder = lm.model
+    first = decoder.layers[0].self_attn
+    attn_fn = _attention_function(lm.config._attn_implementation, first)
+    rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
+    return decoder, decoder.layers[: lm.config.num_hidden_layers], attn_fn, rope
+
+
+def _packed_inputs(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The packed positions (`_packed_index`), their embeddings (N, D), rotary cos and sin
+    (N, d), and the (B, 1, T, T) attention mask."""
+    index = _packed_index(attention_mask)
+    x = decoder.embed_tokens(input_ids.reshape(-1)[index])
+    pos = positions_of(attention_mask).reshape(-1)[index]
+    cos, sin = decoder.rotary_emb(x[None], pos[None])
+    mask = _attention_mask(attention_mask, decoder.config._attn_implementation, x.dtype)
+    return index, x, cos[0], sin[0], mask
+
+
 def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states (B, T, D) of a packable decoder (`can_pack`), computed on the real
     tokens only; padding positions hold zeros. Positions restart at each row's first real token."""
-
-    lm = unwrap_causal_lm(model)
-    decoder, cfg = lm.model, lm.config
+    decoder, layers, attn_fn, rope = _parts(model)
     B, T = input_ids.shape
-    index = _packed_index(attention_mask)
-    x = decoder.embed_tokens(input_ids.reshape(-1)[index])  # (N, D)
-    pos = positions_of(attention_mask).reshape(-1)[index]
-    cos, sin = decoder.rotary_emb(x[None], pos[None])
-    cos, sin = cos[0], sin[0]  # (N, d)
-    kind = cfg._attn_implementation
-    mask = _attention_mask(attention_mask, kind, x.dtype)
-    first = decoder.layers[0].self_attn
-    attn_fn = _attention_function(kind, first)
-    rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
+    index, x, cos, sin, mask = _packed_inputs(decoder, input_ids, attention_mask)
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
-        for layer in decoder.layers[: cfg.num_hidden_layers]:
+        for layer in layers:
             args = (x, cos, sin, index, B, T, mask, attn_fn, rope)
             if getattr(layer, "_rlhf_checkpointed", False) and torch.is_grad_enabled():
                 x = run_checkpointed(layer, functools.partial(_layer_forward, layer), *args)
@@ -246,9 +256,6 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     token per row against preallocated key/value buffers. transformers' `generate` adds about
     20 ms a step on this project's CPU (attention-mask rebuilding, cache concatenation,
     stopping-criteria checks and multinomial sampling) to a 60–80 ms step of SmolLM2-135M."""
-
-    lm = unwrap_causal_lm(model)
-    decoder, cfg = lm.model, lm.config
     B, P = input_ids.shape
     L = P + max_new_tokens
     if not can_pack(model, L):
@@ -256,23 +263,16 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     if attention_mask[:, -1].min() < 1:
         raise ValueError("prompts must be left-padded: every row's last column must be a real token")
     dev = input_ids.device
-    kind = cfg._attn_implementation
-    first = decoder.layers[0].self_attn
-    attn_fn = _attention_function(kind, first)
-    rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
-    layers = decoder.layers[: cfg.num_hidden_layers]
-    amp = torch.is_autocast_enabled(dev.type)
-    with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
+    lm = unwrap_causal_lm(model)
+    decoder, layers, attn_fn, rope = _parts(model)
+    kind = lm.config._attn_implementation
+    with _lora_inputs_as_given(model) if torch.is_autocast_enabled(dev.type) else contextlib.nullcontext():
         # prefill: the prompts' real tokens, keys and values kept per layer
-        index = _packed_index(attention_mask)
-        x = decoder.embed_tokens(input_ids.reshape(-1)[index])
-        pos = positions_of(attention_mask)
-        cos, sin = decoder.rotary_emb(x[None], pos.reshape(-1)[index][None])
-        mask = _attention_mask(attention_mask, kind, x.dtype)
+        index, x, cos, sin, mask = _packed_inputs(decoder, input_ids, attention_mask)
         caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in layers:
             kv: list = []
-            x = _layer_forward(layer, x, cos[0], sin[0], index, B, P, mask, attn_fn, rope, kv)
+            x = _layer_forward(layer, x, cos, sin, index, B, P, mask, attn_fn, rope, kv)
             K, V = kv[0]
             Kb = K.new_zeros(B, K.shape[1], L, K.shape[3])
             Vb = V.new_zeros(B, V.shape[1], L, V.shape[3])
@@ -283,7 +283,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
         logits = head(decoder.norm(x[last])).float()
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
         dmask = _attention_mask(full_mask, kind, x.dtype)[:, :, -1:]  # the last row sees every real key
-        next_pos = pos[:, -1] + 1
+        next_pos = positions_of(attention_mask)[:, -1] + 1
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         out = []
         for t in range(max_new_tokens):
