@@ -24,7 +24,7 @@ from torch import nn
 from policies.models import LoadedModel, apply_lora, completion_logits, final_hidden_states, load_model, store_frozen_linears_in
 from policies.text import Encoded
 from rlhf.config import ModelConfig
-from rlhf.core import entropy_from_logits, token_logprobs
+from rlhf.core import token_logprobs_and_entropy
 
 POLICY, CRITIC, REFERENCE, REWARD = "policy", "critic", "reference", "reward"
 
@@ -195,12 +195,8 @@ class ActorCritic(nn.Module):
     def _logprobs(self, model: Any, enc: Encoded, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self._logits(model, enc)
         targets = enc.input_ids[:, enc.prompt_width :].to(self.device)
-        logp = token_logprobs(logits, targets, self.temperature)
-        ent = None
-        if with_entropy:  # a metric only (no entropy bonus): no graph, no backward through it
-            with torch.no_grad():
-                ent = entropy_from_logits(logits.float() / self.temperature)
-        return logp, ent
+        # the entropy is a metric only (no entropy bonus): no graph, no backward through it
+        return token_logprobs_and_entropy(logits, targets, self.temperature, with_entropy)
 
     def _values(self, enc: Encoded) -> torch.Tensor:
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)

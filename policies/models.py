@@ -208,15 +208,16 @@ def unwrap_causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool = False) -> torch.Tensor:
     """Last-layer hidden states (B, T, D) of a causal LM (peft-wrapped or not), without running
     its LM head; positions restart at each row's first real token (left padding). Llama-family
-    models run padding-free (policies.packed): padding positions then hold zeros."""
+    models run padding-free (policies.packed): padding positions then hold zeros, and with
+    `merge_weights` a pass without gradients runs on merged dense weights."""
     from policies.packed import can_pack, packed_hidden_states
     from rlhf.core import position_ids
 
     if can_pack(model, input_ids.shape[1]):
-        return packed_hidden_states(model, input_ids, attention_mask)
+        return packed_hidden_states(model, input_ids, attention_mask, merge_weights)
     decoder = unwrap_causal_lm(model).base_model
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
     return out.last_hidden_state

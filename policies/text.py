@@ -105,7 +105,6 @@ class Generation:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
     """Completions for left-padded prompt rows: (B, P + C) prompt then sampled tokens, padding
     after each row's EOS. Llama-family models take the padding-free sampler
@@ -113,7 +112,8 @@ def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     softmax(logits / temperature) after top-k / top-p, or take the argmax at temperature 0."""
     if cfg.engine == "auto" and can_pack(model, input_ids.shape[1] + cfg.max_new_tokens):
         return packed_generate(model, input_ids, attention_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                               top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                               merge_weights=cfg.merge_weights)
     return model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -119,10 +119,11 @@ class RewardModel(nn.Module):
         return self.head.bias.device
 
     # --- forward pieces ----------------------------------------------------------------------
-    def hidden_states(self, enc: Encoded, model: Any | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, D) of the encoded rows (of `model`, default the backbone)."""
+    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool = False) -> torch.Tensor:
+        """Final hidden states (B, T, D) of the encoded rows (of `model`, default the backbone);
+        `merge_weights`: see policies.models.final_hidden_states."""
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        return final_hidden_states(self.lm if model is None else model, ids, attn)
+        return final_hidden_states(self.lm if model is None else model, ids, attn, merge_weights)
 
     def rewards_from_hidden(self, hidden: torch.Tensor, enc: Encoded) -> torch.Tensor:
         """r(x, y) (B,) float32 from the hidden state of each row's last real token."""
@@ -157,8 +158,8 @@ class RewardModel(nn.Module):
         if not self.is_peft and self._frozen_reference is None:
             self._frozen_reference = copy.deepcopy(self.causal_lm).eval().requires_grad_(False)
 
-    def forward(self, enc: Encoded) -> torch.Tensor:
-        return self.rewards_from_hidden(self.hidden_states(enc), enc)
+    def forward(self, enc: Encoded, merge_weights: bool = False) -> torch.Tensor:
+        return self.rewards_from_hidden(self.hidden_states(enc, merge_weights=merge_weights), enc)
 
     # --- text → tensors ------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> Encoded:
@@ -278,9 +279,9 @@ class AdapterRewardModel(RewardModel):
         self.adapter_name = adapter_name
         self._use_adapter = use_adapter
 
-    def hidden_states(self, enc: Encoded, model: Any | None = None) -> torch.Tensor:
+    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool = False) -> torch.Tensor:
         with self._use_adapter(self.adapter_name):
-            return super().hidden_states(enc, model)
+            return super().hidden_states(enc, model, merge_weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +320,9 @@ class RewardModelProvider(RewardProvider):
             idx = order[start : start + self.batch_size]
             enc = self.model.encode([prompts[i] for i in idx], [completions[i] for i in idx])
             with autocast(self.model.device, self.amp):
-                rewards[idx] = self.model(enc).float().cpu()
+                # a frozen model: its adapter merged into dense weights for the pass (rounding-level
+                # differences from the training-time forward, fewer operators)
+                rewards[idx] = self.model(enc, merge_weights=True).float().cpu()
         return RewardResult(rewards, torch.ones(n, dtype=torch.bool))
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.core import masked_mean, masked_sum, pairwise_accuracy, position_ids, token_logprobs, truncate_after_eos
+from rlhf.core import entropy_from_logits, masked_mean, masked_sum, pairwise_accuracy, position_ids, token_logprobs, truncate_after_eos
 
 
 def test_token_logprobs_matches_hand_computed_softmax():
@@ -30,6 +30,39 @@ def test_token_logprobs_agrees_with_log_softmax_and_keeps_inputs():
     assert torch.equal(logits, before)
     with pytest.raises(ValueError):
         token_logprobs(logits, labels, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_blockwise_logprobs_entropy_and_gradient_match_log_softmax(monkeypatch, dtype, tau):
+    import rlhf.core.logprobs as lp
+
+    monkeypatch.setattr(lp, "BLOCK_BYTES", 4 * 13 * 3)  # 3 rows per block: 15 rows in 5 blocks
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 13)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 13, (3, 5))
+    weights = torch.randn(3, 5)
+    logp, ent = lp.token_logprobs_and_entropy(logits, labels, tau)
+    (logp * weights).sum().backward()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_logsm = torch.log_softmax(ref_logits.float() / tau, -1)
+    ref = ref_logsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, entropy_from_logits(logits.detach().float() / tau), atol=1e-5, rtol=1e-5)
+    assert not ent.requires_grad and logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-2)
+
+
+def test_blockwise_logprobs_pass_gradcheck(monkeypatch):
+    import rlhf.core.logprobs as lp
+
+    monkeypatch.setattr(lp, "BLOCK_BYTES", 4 * 7 * 2)  # 2 rows per block
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: lp.token_logprobs_and_entropy(x, labels, 0.7, with_entropy=False)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda x: lp.token_logprobs_and_entropy(x, labels, 1.0)[0], (logits,))
 
 
 def test_masked_sum_and_mean():

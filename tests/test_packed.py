@@ -202,7 +202,50 @@ def test_packed_greedy_generation_under_bf16_autocast_matches_transformers():
     ids, mask = _prompts()
     with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
         hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=96, pad_token_id=0)
-        ours = packed_generate(model, ids, mask, max_new_tokens=8, temperature=0.0, eos_token_id=96, pad_token_id=0)
+        # the adapters as modules: bit for bit what transformers computes
+        ours = packed_generate(model, ids, mask, max_new_tokens=8, temperature=0.0, eos_token_id=96, pad_token_id=0, merge_weights=False)
+    assert torch.equal(ours, hf)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_merged_dense_layers_compute_what_the_adapted_modules_compute(kind):
+    from policies.packed import _output_and_mlp, _parts, _rotated_qkv, dense_layers
+
+    model = _with_lora(_tiny(kind))
+    decoder, layers, _, rope = _parts(model)
+    x = torch.randn(6, 32)
+    pos = torch.arange(6)[None]
+    cos, sin = decoder.rotary_emb(x[None], pos)
+    attended = torch.randn(6, 32)
+    with torch.no_grad():
+        dense = dense_layers(layers, torch.float32)
+        assert dense is not None and dense[0].qkv.shape == (32 + 16 + 16, 32) and dense[0].gate_up.shape == (128, 32)
+        assert (dense[0].qkv_bias is not None) == (kind == "qwen2")
+        for layer, dl in zip(layers, dense):
+            for ours, ref in zip(_rotated_qkv(layer, x, cos[0], sin[0], rope, dl), _rotated_qkv(layer, x, cos[0], sin[0], rope)):
+                torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(_output_and_mlp(layer, x, attended, dl), _output_and_mlp(layer, x, attended), atol=1e-5, rtol=1e-5)
+        # the adapters matter here (B ≠ 0), so the merged weight is not the base weight ...
+        base_q = layers[0].self_attn.q_proj.get_base_layer().weight
+        assert not torch.allclose(dense[0].qkv[:32], base_q)
+        # ... and with the adapters off it is exactly the base weight
+        with model.disable_adapter():
+            plain = dense_layers(layers, torch.float32)
+        assert torch.equal(plain[0].qkv[:32], base_q)
+
+
+def test_sampling_runs_modules_where_no_merged_weight_exists():
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from policies.packed import dense_layers, packed_generate
+
+    model = get_peft_model(_tiny("llama"), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    ids, mask = _prompts()
+    layers = unwrap_causal_lm(model).model.layers
+    with torch.no_grad():
+        assert dense_layers(layers, torch.float32) is None  # DoRA has no W + s·B·A form
+        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=96, pad_token_id=0)
+        ours = packed_generate(model, ids, mask, max_new_tokens=6, temperature=0.0, eos_token_id=96, pad_token_id=0)
     assert torch.equal(ours, hf)
 
 

@@ -142,3 +142,21 @@ def test_provider_scores_in_input_order(tiny_llama_dir, tmp_path):
     # The TRL reward_funcs form returns plain floats in the same order.
     assert provider(prompts=prompts, completions=comps) == pytest.approx(result.rewards.tolist(), abs=1e-6)
     assert isinstance(RewardModelProvider(rm, autocast_mode="none"), RewardModelProvider)
+
+
+def test_provider_scores_on_merged_weights_what_the_adapter_modules_score(tiny_llama_dir, monkeypatch):
+    import policies.packed
+
+    rm = _lora_rm(tiny_llama_dir).eval()
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))  # a trained adapter: the merge changes the weights
+        modules = rm(rm.encode(PROMPTS, COMPLETIONS))  # adapters run as modules
+    calls = []
+    real = policies.packed.dense_layers
+    monkeypatch.setattr(policies.packed, "dense_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    merged = RewardModelProvider(rm, batch_size=2, autocast_mode="none").score(PROMPTS, COMPLETIONS).rewards
+    assert calls == [1]  # one merge for the one batch
+    assert modules.abs().min() > 1e-3 and abs(modules[0] - modules[1]) > 1e-3  # rewards are not trivial
+    torch.testing.assert_close(merged, modules, atol=1e-4, rtol=1e-4)

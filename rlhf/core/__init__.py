@@ -1,7 +1,7 @@
 """Pure torch RL math: no I/O, no models. Every function documents its equation and shapes
 and never mutates its inputs."""
 
-from rlhf.core.logprobs import masked_mean, masked_sum, token_logprobs
+from rlhf.core.logprobs import masked_mean, masked_sum, token_logprobs, token_logprobs_and_entropy
 from rlhf.core.losses import bt_loss, grm_loss, grm_regularizer
 from rlhf.core.metrics import pairwise_accuracy, preference_ece
 from rlhf.core.ppo import (
@@ -41,5 +41,6 @@ __all__ = [
     "position_ids",
     "preference_ece",
     "token_logprobs",
+    "token_logprobs_and_entropy",
     "truncate_after_eos",
 ]
