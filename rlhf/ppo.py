@@ -67,6 +67,8 @@ class PPOConfig:
     critic_from_reward_adapter: bool = doc(True, "when value_head_init is the shared reward adapter's model, start the critic adapter as that adapter too (V starts as the reward model)")
     prompts: DataConfig = doc(DataConfig(split="train"), "training prompts (any prompt or preference file)")
     eval_prompts: DataConfig | None = doc(DataConfig(split="test", max_items=16), "held-out prompts scored before and after training (null: skip)")
+    eval_batch_size: int | None = doc(None, "rows per evaluation batch (null: batch_size); larger batches sample faster, a decoding step reads the weights once for all rows")
+    eval_samples_per_prompt: int = doc(1, "completions sampled per held-out prompt; the evaluation averages them per prompt (less sampling noise in the before/after change)")
     sampling: SamplingConfig = doc(SamplingConfig(max_new_tokens=32, temperature=0.7), "rollout sampling")
     max_prompt_tokens: int = doc(128, "prompts keep their last this many tokens")
     missing_eos_penalty: float | None = doc(None, "penalty for a completion that hits max_new_tokens without EOS")
@@ -102,6 +104,10 @@ class PPOConfig:
             raise ValueError("batch_size must be divisible by num_minibatches × grad_accum_steps")
         if self.critic_chunks < 1:
             raise ValueError(f"critic_chunks must be at least 1, got {self.critic_chunks}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        if self.eval_samples_per_prompt < 1:
+            raise ValueError(f"eval_samples_per_prompt must be at least 1, got {self.eval_samples_per_prompt}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,31 +521,41 @@ def _batch_for(prompts: list[tuple[Any, str]], update: int, batch_size: int, ran
 
 @torch.no_grad()
 def evaluate_policy(ac: ActorCritic, provider: RewardProvider, records: list[PromptRecord], cfg: PPOConfig) -> dict[str, Any]:
-    """Sample one completion per held-out prompt with the rollout settings (fixed seed, so the
-    before/after comparison sees the same noise), score it with the provider, and measure the
-    sequence KL Σ_t k1 from the reference."""
-    items = [(r.prompt, render_prompt(ac.tokenizer, r.prompt)) for r in records]
+    """Sample `eval_samples_per_prompt` completions per held-out prompt with the rollout settings
+    (fixed seed, so the before/after comparison sees the same noise), score them with the
+    provider, and measure each one's sequence KL Σ_t k1 from the reference. The summary's means
+    are over all samples; `paired_change` averages each prompt's samples first."""
+    k = cfg.eval_samples_per_prompt
+    items = [(i, j, r.prompt, render_prompt(ac.tokenizer, r.prompt)) for i, r in enumerate(records) for j in range(k)]
     amp = autocast_dtype(cfg.autocast, ac.device)
     state = torch.random.get_rng_state()
     torch.manual_seed(1234)  # the same sampling noise before and after training
     rewards, kls, samples = [], [], []
-    for i in range(0, len(items), cfg.batch_size):
-        ro = collect_rollout(ac, provider, items[i : i + cfg.batch_size], cfg, 0.0, RunningMoments(), amp)
+    size = cfg.eval_batch_size or cfg.batch_size
+    for s in range(0, len(items), size):
+        batch = items[s : s + size]
+        ro = collect_rollout(ac, provider, [(p, text) for _, _, p, text in batch], cfg, 0.0, RunningMoments(), amp)
         seq_kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * ro.mask).sum(-1)
         rewards.append(ro.raw_scores)
         kls.append(seq_kl)
-        samples += [{"prompt": p, "completion": t, "reward": float(r)} for (p, _), t, r in zip(items[i : i + cfg.batch_size], ro.texts, ro.raw_scores)]
+        samples += [{"prompt": p, "index": i, "sample": j, "completion": t, "reward": float(r), "kl": float(kl)}
+                    for (i, j, p, _), t, r, kl in zip(batch, ro.texts, ro.raw_scores, seq_kl)]
     torch.random.set_rng_state(state)
-    r, k = torch.cat(rewards), torch.cat(kls)
-    return {"summary": {"reward_mean": float(r.mean()), "kl_mean": float(k.mean()), "prompts": len(items)}, "samples": samples}
+    r, kl = torch.cat(rewards), torch.cat(kls)
+    summary = {"reward_mean": float(r.mean()), "kl_mean": float(kl.mean()), "prompts": len(records), "samples_per_prompt": k}
+    return {"summary": summary, "samples": samples}
 
 
 def paired_change(before: list[dict], after: list[dict]) -> dict[str, float]:
-    """The held-out reward change, after − before, over the same prompts: its mean and the
-    standard error of that mean (paired, so prompt-to-prompt spread cancels)."""
-    if len(before) != len(after) or any(b["prompt"] != a["prompt"] for b, a in zip(before, after)):
+    """The held-out reward change, after − before, over the same prompts: the mean over prompts
+    of each prompt's change in mean reward (its samples averaged), and the standard error of
+    that mean (paired, so prompt-to-prompt spread cancels)."""
+    if len(before) != len(after) or any(b["prompt"] != a["prompt"] or b.get("index") != a.get("index") for b, a in zip(before, after)):
         raise ValueError("before/after evaluations must cover the same prompts in the same order")
-    d = torch.tensor([a["reward"] - b["reward"] for b, a in zip(before, after)], dtype=torch.float64)
+    per_prompt: dict[int, list[float]] = {}
+    for n, (b, a) in enumerate(zip(before, after)):
+        per_prompt.setdefault(b.get("index", n), []).append(a["reward"] - b["reward"])
+    d = torch.tensor([sum(v) / len(v) for v in per_prompt.values()], dtype=torch.float64)
     se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     return {"mean": float(d.mean()), "se": se, "prompts": len(d)}
 

@@ -148,3 +148,16 @@ def test_paired_change_mean_and_standard_error():
     assert out["se"] == pytest.approx((2 / 3) ** 0.5 / 2)
     with pytest.raises(ValueError):
         paired_change(before, after[::-1])
+
+
+def test_paired_change_averages_each_prompts_samples_first():
+    from rlhf.ppo import paired_change
+
+    # two prompts, three samples each: per-prompt changes (1+0+2)/3 = 1 and (0+0+0)/3 = 0
+    before = [{"prompt": p, "index": i, "reward": 0.0} for i, p in ((0, "a"), (0, "a"), (0, "a"), (1, "b"), (1, "b"), (1, "b"))]
+    after = [dict(b, reward=r) for b, r in zip(before, [1.0, 0.0, 2.0, 0.0, 0.0, 0.0])]
+    out = paired_change(before, after)
+    assert out["prompts"] == 2 and out["mean"] == pytest.approx(0.5)
+    assert out["se"] == pytest.approx((0.5**0.5) / 2**0.5)  # sample std of (1, 0) is √½, over √2
+    with pytest.raises(ValueError):
+        paired_change(before, [dict(a, index=1 - a["index"]) for a in after])

@@ -61,7 +61,7 @@ def test_reference_logprobs_are_the_base_model(tiny_llama_dir):
 @pytest.mark.parametrize("layout", ["shared_lora", "separate"])
 def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout):
     extra = ["layout=separate", "model.lora.enabled=false"] if layout == "separate" else []
-    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, *extra)
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "eval_samples_per_prompt=2", "eval_batch_size=3", *extra)
     torch.manual_seed(0)
     before = ActorCritic.build(cfg.model, layout)
     init = {n: p.detach().clone() for n, p in before.trainable_named_parameters()}
@@ -94,9 +94,11 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert metrics[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
     assert metrics[-1]["kl/k3"] >= 0
     assert summary["eval_before"]["prompts"] == 2 and "reward_mean" in summary["eval_after"]
+    assert summary["eval_change"]["prompts"] == 2
     assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 8
     assert (tmp_path / "run" / "reward_kl.png").read_bytes()[:4] == b"\x89PNG"
-    assert len((tmp_path / "run" / "eval_samples_after.jsonl").read_text().splitlines()) == 2
+    evaluated = [json.loads(line) for line in (tmp_path / "run" / "eval_samples_after.jsonl").read_text().splitlines()]
+    assert [(e["index"], e["sample"]) for e in evaluated] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # 2 prompts × 2 samples
 
 
 def _one_update(cfg, *, with_old, random_value_head=False):

@@ -59,4 +59,4 @@ def test_quickstart_recipe_smoke(tmp_path, smollm2_dir):
     rows = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["response/length"] > 0 for r in rows)
     assert (ppo_dir / "reward_kl.png").stat().st_size > 1000
-    assert len((ppo_dir / "eval_samples_after.jsonl").read_text().splitlines()) == 4
+    assert len((ppo_dir / "eval_samples_after.jsonl").read_text().splitlines()) == 4 * 2  # eval_samples_per_prompt: 2
