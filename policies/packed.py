@@ -121,9 +121,32 @@ def grouped_eager_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     if not exact:
         scores = scores * scaling
     scores = scores.view(B, H, T, L) + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if torch.is_grad_enabled() and torch.is_autocast_enabled(query.device.type) and scores.requires_grad:
+        probs = _LowPrecisionSoftmax.apply(scores, torch.get_autocast_dtype(query.device.type))
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs.view(B, Hk, g * T, L), value)  # (B, Hk, g·T, d)
     return out.view(B, H, T, d).transpose(1, 2), None
+
+
+class _LowPrecisionSoftmax(torch.autograd.Function):
+    """softmax(scores) in fp32, returned in the autocast dtype, which is what the probabilities
+    are cast to anyway for the product with the values. The forward's numbers are unchanged.
+    Autograd would keep both the fp32 probabilities (for the softmax backward) and their low-
+    precision copy (for the matmul backward). Only the copy is kept here, and the softmax
+    backward reads it: 7 MB less per layer for a batch of 8 rows of 160 tokens with 9 heads,
+    about 0.2 GB over SmolLM2's 30 layers."""
+
+    @staticmethod
+    def forward(ctx, scores, dtype):
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad.float(), probs.float(), -1, torch.float32), None
 
 
 def _attention_function(kind: str, module: Any) -> Any:

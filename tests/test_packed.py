@@ -106,6 +106,39 @@ def test_packed_gradients_match_the_padded_forward(checkpointing):
     assert any(g.abs().sum() > 0 for n, g in g_packed.items() if "lora_A" in n)
 
 
+def test_packed_gradients_under_bf16_autocast_match_the_padded_forward():
+    """Under autocast the attention keeps only the bf16 probabilities for its backward
+    (`_LowPrecisionSoftmax`): the gradients stay those of the transformers forward, to bf16's
+    precision, and a wrong softmax backward would be far off."""
+    import policies.packed
+
+    model = _with_lora(_tiny("llama", hidden_size=64))
+    ids, mask = _batch()
+    real = mask.bool()
+    w = torch.randn(*ids.shape, 64, generator=torch.Generator().manual_seed(2))
+    calls = []
+    real_apply = policies.packed._LowPrecisionSoftmax.apply
+    policies.packed._LowPrecisionSoftmax.apply = lambda *a: calls.append(1) or real_apply(*a)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            out = fn(model, ids, mask)
+        (out.float()[real] * w[real]).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    try:
+        g_packed = grads(packed_hidden_states)
+    finally:
+        policies.packed._LowPrecisionSoftmax.apply = real_apply
+    g_padded = grads(_padded_hidden)
+    assert len(calls) == 2  # one per layer
+    for n in g_packed:
+        assert g_packed[n].abs().sum() > 0, n
+        rel = (g_packed[n] - g_padded[n]).norm() / g_padded[n].norm()
+        assert rel < 0.02, (n, float(rel))
+
+
 def test_completion_logits_packed_equal_the_transformers_logits():
     model = _with_lora(_tiny("llama"))
     ids, mask = _batch()
