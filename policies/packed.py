@@ -167,7 +167,8 @@ def _layer_forward(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     """One decoder layer on the packed residual stream x (N, D); mirrors the transformers
     LlamaDecoderLayer / LlamaAttention forward, token for token. With `kv` (generation), the
     layer's keys (after RoPE) and values, padded (B, H_kv, T, d), are appended to it. With
-    `dense` (sampling), the projections use its merged weights instead of the modules."""
+    `dense` (passes without gradients), the projections use its merged weights instead of the
+    modules."""
     attn = layer.self_attn
     q, k, v = _rotated_qkv(layer, x, cos, sin, rope, dense)
     K, V = _to_padded(k, index, B, T), _to_padded(v, index, B, T)
@@ -205,9 +206,10 @@ def _output_and_mlp(layer: Any, x: torch.Tensor, attended: torch.Tensor, dense: 
 
 @dataclass
 class DenseLayer:
-    """One decoder layer's projections as plain matrices for sampling: each LoRA adapter that is
-    active now merged into its base weight (W + s·B·A), q/k/v stacked into one matrix and
-    gate/up into another, all in the compute dtype. A decoding step then runs 4 matmuls per
+    """One decoder layer's projections as plain matrices for passes without gradients (sampling,
+    reward scoring): each LoRA adapter that is active now merged into its base weight
+    (W + s·B·A), q/k/v stacked into one matrix and gate/up into another, all in the compute
+    dtype. A decoding step then runs 4 matmuls per
     layer instead of 7 base matmuls plus 7 adapters (two small matmuls, a scale and an add
     each): on SmolLM2-135M, 100 fewer operator calls per token for 30 layers."""
 
@@ -344,11 +346,8 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     dense = _dense_for(layers, input_ids.device) if merge_weights and not torch.is_grad_enabled() else None
     index, x, cos, sin, mask = _packed_inputs(decoder, input_ids, attention_mask)
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
-        for i, layer in enumerate(layers):
-            if dense is not None:
-                x = _layer_forward(layer, x, cos, sin, index, B, T, mask, attn_fn, rope, None, dense[i])
-                continue
-            args = (x, cos, sin, index, B, T, mask, attn_fn, rope)
+        for layer, dl in zip(layers, dense or [None] * len(layers)):
+            args = (x, cos, sin, index, B, T, mask, attn_fn, rope, None, dl)
             if getattr(layer, "_rlhf_checkpointed", False) and torch.is_grad_enabled():
                 x = run_checkpointed(layer, functools.partial(_layer_forward, layer), *args)
             else:
