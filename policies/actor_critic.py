@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from policies.models import LoadedModel, apply_lora, completion_logits, final_hidden_states, load_model, store_frozen_linears_in
+from policies.packed import stack_frozen_projections
 from policies.text import Encoded
 from rlhf.config import ModelConfig
 from rlhf.core import token_logprobs_and_entropy
@@ -139,8 +140,11 @@ class ActorCritic(nn.Module):
 
     def store_frozen_in(self, dtype: torch.dtype | None) -> None:
         """shared_lora, unquantized: keep the frozen base's matmul weights in the autocast dtype
-        every forward runs under (same numbers, half the memory, no per-call cast)."""
-        if dtype is not None and self.layout == "shared_lora" and self.quantization == "none":
+        every forward runs under (same numbers, half the memory, no per-call cast), and stack
+        each layer's q/k/v and gate/up weights in memory (`stack_frozen_projections`)."""
+        if self.layout != "shared_lora" or self.quantization != "none":
+            return
+        if dtype is not None:
             store_frozen_linears_in(self.policy, dtype)
             # The remaining frozen tensors (embeddings, norms) still view the memory-mapped
             # safetensors file, which keeps every page of the fp32 original resident; own copies
@@ -148,6 +152,8 @@ class ActorCritic(nn.Module):
             for p in self.policy.parameters():
                 if not p.requires_grad and p.dtype == torch.float32:
                     p.data = p.data.clone()
+        # q/k/v and gate/up weights side by side in memory: one matmul per group (policies.packed)
+        stack_frozen_projections(self.policy)
 
     @property
     def device(self) -> torch.device:

@@ -159,8 +159,26 @@ def _attention_function(kind: str, module: Any) -> Any:
 
 def _to_padded(t: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """(N, H, d) real-token rows → (B, H, T, d) with zeros at padding."""
-    out = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, index, t)
+    out = _Scatter.apply(t, index, B * T) if t.requires_grad and torch.is_grad_enabled() else t.new_zeros(B * T, *t.shape[1:]).index_copy(0, index, t)
     return out.view(B, T, *t.shape[1:]).transpose(1, 2)
+
+
+class _Scatter(torch.autograd.Function):
+    """Rows t (N, …) into rows `index` of a zero (M, …) tensor; the backward gathers them back.
+    `index_copy` does the same, but its autograd formula keeps the whole source tensor alive
+    for the backward (it uses it only for its shape): the queries and keys in fp32 after RoPE
+    and the q/k/v projection's output, 4.5 MB per layer and 140 MB per training forward of 8
+    rows of 160 tokens through SmolLM2-135M's 30 layers."""
+
+    @staticmethod
+    def forward(ctx, t, index, rows):
+        ctx.save_for_backward(index)
+        return t.new_zeros(rows, *t.shape[1:]).index_copy_(0, index, t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
 
 
 def _layer_forward(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor, B: int, T: int, mask: torch.Tensor, attn_fn: Any, rope: Any, kv: list | None = None, dense: DenseLayer | None = None) -> torch.Tensor:
@@ -186,7 +204,7 @@ def _rotated_qkv(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if dense is None:
         q, k, v = (proj(h).view(n, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     else:
-        q, k, v = (t.view(n, -1, d) for t in F.linear(h, dense.qkv, dense.qkv_bias).split(dense.qkv_sizes, dim=-1))
+        q, k, v = (t.view(n, -1, d) for t in dense.qkv(h).split(dense.qkv_sizes, dim=-1))
     q, k = rope(q, k, cos, sin, unsqueeze_dim=1)
     return q, k, v
 
@@ -198,38 +216,110 @@ def _output_and_mlp(layer: Any, x: torch.Tensor, attended: torch.Tensor, dense: 
         x = x + layer.self_attn.o_proj(attended)
         h = _amp_input(_rms_norm(layer.post_attention_layernorm, x))
         return x + layer.mlp(h)
-    x = x + F.linear(attended, dense.o, dense.o_bias)
+    x = x + dense.o(attended)
     h = _amp_input(_rms_norm(layer.post_attention_layernorm, x))
-    gate, up = F.linear(h, dense.gate_up, dense.gate_up_bias).chunk(2, dim=-1)
-    return x + F.linear(layer.mlp.act_fn(gate) * up, dense.down, dense.down_bias)
+    gate_up = dense.gate_up(h)
+    if gate_up.requires_grad and torch.is_grad_enabled():
+        return x + _gated_down(layer.mlp.act_fn, gate_up, dense.down)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return x + dense.down(layer.mlp.act_fn(gate) * up)
+
+
+def _gated_down(act: Any, gate_up: torch.Tensor, down: Projection) -> torch.Tensor:
+    """down(act(gate) ⊙ up) with gradients, keeping only gate_up for the backward (`_GatedDown`).
+    The adapter factors enter in gate_up's dtype, as autocast would cast them."""
+    a, b = (None, None) if down.a is None else (down.a.to(gate_up.dtype), down.b.to(gate_up.dtype))
+    return _GatedDown.apply(gate_up, down.weight.to(gate_up.dtype), None if down.bias is None else down.bias.to(gate_up.dtype), a, b, act)
+
+
+class _GatedDown(torch.autograd.Function):
+    """The MLP's second half, y = p·Wᵀ + bias + (p·Aᵀ)·Bᵀ with p = act(gate) ⊙ up, for a frozen
+    W. Autograd would keep act(gate) and p (each n × intermediate) besides gate_up; here the
+    backward recomputes them from gate_up (two elementwise ops), so the MLP keeps half the
+    memory: about 180 MB less per training forward of 8 rows of 160 tokens through SmolLM2-135M.
+    The forward's numbers are those of the plain ops, and the backward differentiates the same
+    ops (by autograd, on the recomputed p)."""
+
+    @staticmethod
+    def forward(ctx, gate_up, weight, bias, a, b, act):
+        gate, up = gate_up.chunk(2, dim=-1)
+        p = act(gate) * up
+        y = F.linear(p, weight, bias)
+        xa = None
+        if a is not None:
+            xa = F.linear(p, a)
+            y = torch.addmm(y, xa, b.t())
+        ctx.save_for_backward(gate_up, weight, a, b, xa)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, weight, a, b, xa = ctx.saved_tensors
+        grad = grad.to(gate_up.dtype)
+        dp = grad @ weight
+        da = db = None
+        with torch.enable_grad():
+            g_up = gate_up.detach().requires_grad_()
+            gate, up = g_up.chunk(2, dim=-1)
+            p = ctx.act(gate) * up
+        if a is not None:
+            dxa = grad @ b
+            db = grad.t() @ xa
+            da = dxa.t() @ p.detach()
+            dp = dp.addmm_(dxa, a)
+        (d_gate_up,) = torch.autograd.grad(p, g_up, dp)
+        return d_gate_up, None, None, da, db, None
+
+
+
+@dataclass
+class Projection:
+    """x ↦ x·Wᵀ + b + (x·Aᵀ)·Bᵀ for rows x (n, in): a frozen weight W (out, in), possibly the
+    stacked weights of several projections, its bias, and optionally LoRA factors A (R, in) and
+    B (out, R), whose scales are folded into B. The low-rank term is added by the same `addmm`
+    that multiplies by B, so the adapters of a projection cost two matmuls and no elementwise
+    pass over the (n, out) output; peft's LoRA layer adds a scale, a sum and casts."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.a is None:
+            return y
+        return torch.addmm(y, F.linear(x, self.a), self.b.t())
 
 
 @dataclass
 class DenseLayer:
-    """One decoder layer's projections as plain matrices for passes without gradients (sampling,
-    reward scoring): each LoRA adapter that is active now merged into its base weight
-    (W + s·B·A), q/k/v stacked into one matrix and gate/up into another, all in the compute
-    dtype. A decoding step then runs 4 matmuls per
-    layer instead of 7 base matmuls plus 7 adapters (two small matmuls, a scale and an add
-    each): on SmolLM2-135M, 100 fewer operator calls per token for 30 layers."""
+    """One decoder layer's projections as `Projection`s: q/k/v stacked into one, o, gate/up
+    stacked into one, and down. Two kinds are built:
+    - merged (`dense_layers`, passes without gradients: sampling, reward scoring): each active
+      LoRA adapter merged into its base weight (W + s·B·A) in the compute dtype, made for the
+      call. A decoding step runs 4 matmuls per layer instead of 7 base matmuls plus 7 adapters
+      (two small matmuls, a scale and an add each): on SmolLM2-135M, 100 fewer operator calls
+      per token for 30 layers.
+    - factored (`factored_layers`, every other pass, training included): the frozen base
+      weights as they are stored, stacked in place (`stack_frozen_projections`), and the active
+      adapters' A matrices stacked and B matrices set block-diagonally, so each group of
+      projections costs one base matmul and two small ones."""
 
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: Projection
     qkv_sizes: tuple[int, int, int]
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    o: Projection
+    gate_up: Projection
+    down: Projection
 
 
 def _dense_parts(proj: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
     """What `proj` applies as it stands, as a base weight (out, in), a bias, and the LoRA terms
     (B, A, scale) of its active adapters: the weight `proj` computes with is W + Σ s·B·A. None
     where no such matrix is at hand: a quantized or otherwise non-Linear base layer, a LoRA
-    variant (DoRA, ...), a LoRA bias, transposed (fan-in-fan-out) weights, or adapters merged
-    into the base while disabled."""
+    variant (DoRA, ...), a LoRA bias, LoRA dropout in training mode, transposed (fan-in-fan-out)
+    weights, or adapters merged into the base while disabled."""
     from peft.tuners.lora import LoraLayer
 
     if type(proj) is torch.nn.Linear:
@@ -248,6 +338,9 @@ def _dense_parts(proj: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[tup
         if name not in proj.lora_A:
             continue
         if name in getattr(proj, "lora_variant", {}) or getattr(proj, "lora_bias", {}).get(name, False):
+            return None
+        dropout = proj.lora_dropout[name]
+        if dropout.training and getattr(dropout, "p", 0.0) > 0:  # a random mask on x: no fixed matrix
             return None
         terms.append((proj.lora_B[name].weight, proj.lora_A[name].weight, float(proj.scaling[name])))
     return base.weight, base.bias, terms
@@ -272,24 +365,105 @@ def _stacked(parts: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return out, torch.cat([(bias if bias is not None else w.new_zeros(w.shape[0])).to(dtype) for w, bias, _ in parts])
 
 
+_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _groups(layer: Any) -> list[list[Any]]:
+    """The layer's projections in `DenseLayer` order: [q, k, v], [o], [gate, up], [down]."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [[getattr(attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else mlp, name) for name in g] for g in _GROUPS]
+
+
 @torch.no_grad()
 def dense_layers(layers: Any, dtype: torch.dtype) -> list[DenseLayer] | None:
-    """`DenseLayer`s for every layer in `dtype`, or None when some projection has no dense form
-    (`_dense_parts`); the sampler then runs the modules themselves."""
+    """Merged `DenseLayer`s for every layer in `dtype`, or None when some projection has no dense
+    form (`_dense_parts`); the sampler then runs the modules themselves."""
     out = []
     for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        found = [_dense_parts(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-        if any(f is None for f in found):
+        found = [[_dense_parts(p) for p in g] for g in _groups(layer)]
+        if any(f is None for g in found for f in g):
             return None
-        q, k, v, o, gate, up, down = found
-        qkv, qkv_bias = _stacked([q, k, v], dtype)
-        o_w, o_b = _stacked([o], dtype)
-        gate_up, gate_up_bias = _stacked([gate, up], dtype)
-        down_w, down_b = _stacked([down], dtype)
-        sizes = (q[0].shape[0], k[0].shape[0], v[0].shape[0])
-        out.append(DenseLayer(qkv, qkv_bias, sizes, o_w, o_b, gate_up, gate_up_bias, down_w, down_b))
+        qkv, o, gate_up, down = (Projection(*_stacked(g, dtype)) for g in found)
+        out.append(DenseLayer(qkv, tuple(w.shape[0] for w, _, _ in found[0]), o, gate_up, down))
     return out
+
+
+def factored_layers(layers: Any) -> list[DenseLayer] | None:
+    """Factored `DenseLayer`s (see there) for a pass with or without gradients, or None where
+    the modules must run instead: a projection with no W + Σ s·B·A form (`_dense_parts`), a
+    trainable base weight (full fine-tuning), or a group whose frozen weights are not stacked in
+    memory (`stack_frozen_projections` has not run). The A and B stacks are built from the
+    adapters' own parameters on each call (a few small ops), so gradients reach them."""
+    out = []
+    for layer in layers:
+        found = [[_dense_parts(p) for p in g] for g in _groups(layer)]
+        if any(f is None or f[0].requires_grad for g in found for f in g):
+            return None
+        weights = [_stacked_view([w for w, _, _ in g]) for g in found]
+        if any(w is None for w in weights):
+            return None
+        qkv, o, gate_up, down = (Projection(w, _stacked_bias(g), *_stacked_factors(g)) for w, g in zip(weights, found))
+        out.append(DenseLayer(qkv, tuple(w.shape[0] for w, _, _ in found[0]), o, gate_up, down))
+    return out
+
+
+def _stacked_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (Σ out, in) matrix that the row-contiguous weights make up where each starts right
+    after the previous one in one storage (as `stack_frozen_projections` lays them out), as a
+    view; None otherwise."""
+    w0 = weights[0].detach()
+    if len(weights) == 1:
+        return w0
+    ptr, rows = w0.data_ptr(), 0
+    for w in weights:
+        if w.dtype != w0.dtype or w.dim() != 2 or w.shape[1] != w0.shape[1] or not w.is_contiguous() or w.data_ptr() != ptr:
+            return None
+        if w.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr():
+            return None
+        ptr += w.numel() * w.element_size()
+        rows += w.shape[0]
+    return w0.as_strided((rows, w0.shape[1]), (w0.shape[1], 1), w0.storage_offset())
+
+
+def _stacked_bias(parts: list) -> torch.Tensor | None:
+    if all(bias is None for _, bias, _ in parts):
+        return None
+    return torch.cat([bias if bias is not None else w.new_zeros(w.shape[0]) for w, bias, _ in parts])
+
+
+def _stacked_factors(parts: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The LoRA terms of a group of projections as one A (R, in), every term's A stacked, and one
+    block-diagonal B (Σ out, R) with each scale folded in: x·Aᵀ·Bᵀ is then each projection's
+    Σ s·(x·Aᵀ)·Bᵀ side by side. (None, None) where no adapter is active."""
+    if not any(terms for _, _, terms in parts):
+        return None, None
+    a = torch.cat([a for _, _, terms in parts for _, a, _ in terms])
+    blocks = [torch.cat([b * s for b, _, s in terms], dim=1) if terms else w.new_zeros(w.shape[0], 0, dtype=a.dtype) for w, _, terms in parts]
+    return a, torch.block_diag(*blocks)
+
+
+@torch.no_grad()
+def stack_frozen_projections(model: Any) -> int:
+    """Lay out the frozen base weights of each layer's q/k/v projections, and of its gate/up
+    projections, one after the other in one new storage each, the modules' weights becoming
+    views into it: the same values and memory, and `factored_layers` can then run each group as
+    one matmul without copying. Plain frozen Linear base layers of one dtype only (quantized or
+    trainable ones stay as they are). Returns the number of groups stacked."""
+    if not can_pack(model):
+        return 0
+    stacked = 0
+    for layer in _parts(model)[1]:
+        for g in (_groups(layer)[0], _groups(layer)[2]):
+            bases = [p.get_base_layer() if hasattr(p, "get_base_layer") else p for p in g]
+            if any(type(b) is not torch.nn.Linear or b.weight.requires_grad or b.weight.dtype != bases[0].weight.dtype for b in bases):
+                continue
+            if _stacked_view([b.weight for b in bases]) is not None:
+                continue
+            storage = torch.cat([b.weight.detach() for b in bases])
+            for b, w in zip(bases, storage.split([b.weight.shape[0] for b in bases])):
+                b.weight = torch.nn.Parameter(w, requires_grad=False)
+            stacked += 1
+    return stacked
 
 
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
@@ -340,10 +514,12 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     tokens only; padding positions hold zeros. Positions restart at each row's first real token.
     With `merge_weights`, a pass without gradients runs on merged dense weights
     (`dense_layers`, made for this call): the same function up to rounding, without the
-    adapters' extra operators (reward-model scoring)."""
+    adapters' extra operators (reward-model scoring). Any other pass runs on the factored
+    layers where they exist (`factored_layers`: frozen stacked base weights, adapters as
+    stacked low-rank factors), else on the modules."""
     decoder, layers, attn_fn, rope = _parts(model)
     B, T = input_ids.shape
-    dense = _dense_for(layers, input_ids.device) if merge_weights and not torch.is_grad_enabled() else None
+    dense = _dense_for(layers, input_ids.device) if merge_weights and not torch.is_grad_enabled() else factored_layers(layers)
     index, x, cos, sin, mask = _packed_inputs(decoder, input_ids, attention_mask)
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         for layer, dl in zip(layers, dense or [None] * len(layers)):

@@ -46,23 +46,29 @@ def _padded_hidden(model, ids, mask):
     return unwrap_causal_lm(model).model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).last_hidden_state
 
 
-def _with_lora(model):
+def _with_lora(model, stacked: bool = False):
     peft = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8))
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # a trained-looking adapter (B = 0 would hide the adapter path)
+    if stacked:  # the frozen q/k/v and gate/up weights side by side: passes run factored layers
+        from policies.packed import _parts, factored_layers, stack_frozen_projections
+
+        assert stack_frozen_projections(peft) == 2 * len(_parts(peft)[1])
+        assert factored_layers(_parts(peft)[1]) is not None
     return peft
 
 
 @pytest.mark.parametrize("multiple", [1, 64])
-@pytest.mark.parametrize("kind, attn", [("llama", "eager"), ("llama", "sdpa"), ("qwen2", "eager")])
-def test_packed_hidden_states_match_the_padded_forward(kind, attn, multiple, monkeypatch):
-    """multiple 1: real tokens only; 64: topped up with padding positions (all of them here)."""
+@pytest.mark.parametrize("kind, attn, stacked", [("llama", "eager", False), ("llama", "sdpa", False), ("qwen2", "eager", False), ("llama", "eager", True), ("qwen2", "eager", True)])
+def test_packed_hidden_states_match_the_padded_forward(kind, attn, stacked, multiple, monkeypatch):
+    """multiple 1: real tokens only; 64: topped up with padding positions (all of them here).
+    stacked: the factored layers (stacked frozen weights, adapters as stacked factors)."""
     import policies.packed
 
     monkeypatch.setattr(policies.packed, "PACK_MULTIPLE", multiple)
-    model = _with_lora(_tiny(kind, attn))
+    model = _with_lora(_tiny(kind, attn), stacked)
     ids, mask = _batch()
     assert can_pack(model, ids.shape[1])
     with torch.no_grad():
@@ -84,12 +90,13 @@ def test_packed_forward_under_bf16_autocast_is_the_padded_one_bit_for_bit(hidden
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
 
 
+@pytest.mark.parametrize("kind, stacked", [("llama", False), ("llama", True), ("qwen2", True)])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_packed_gradients_match_the_padded_forward(checkpointing):
-    base = _tiny("llama")
+def test_packed_gradients_match_the_padded_forward(checkpointing, kind, stacked):
+    base = _tiny(kind)
     if checkpointing:
         enable_activation_checkpointing(base)
-    model = _with_lora(base)
+    model = _with_lora(base, stacked)
     ids, mask = _batch()
     real = mask.bool()
     w = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(2))
@@ -106,13 +113,16 @@ def test_packed_gradients_match_the_padded_forward(checkpointing):
     assert any(g.abs().sum() > 0 for n, g in g_packed.items() if "lora_A" in n)
 
 
-def test_packed_gradients_under_bf16_autocast_match_the_padded_forward():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_packed_gradients_under_bf16_autocast_match_the_padded_forward(stacked):
     """Under autocast the attention keeps only the bf16 probabilities for its backward
-    (`_LowPrecisionSoftmax`): the gradients stay those of the transformers forward, to bf16's
-    precision, and a wrong softmax backward would be far off."""
+    (`_LowPrecisionSoftmax`): the gradients stay the fp32 ones to bf16's precision, as close as
+    transformers' own bf16 forward gets (about 1.2% here), and a wrong softmax backward would be
+    far off. Stacked: the factored layers,
+    whose MLP recomputes act(gate) ⊙ up in its backward (`_GatedDown`)."""
     import policies.packed
 
-    model = _with_lora(_tiny("llama", hidden_size=64))
+    model = _with_lora(_tiny("llama", hidden_size=64), stacked)
     ids, mask = _batch()
     real = mask.bool()
     w = torch.randn(*ids.shape, 64, generator=torch.Generator().manual_seed(2))
@@ -120,9 +130,9 @@ def test_packed_gradients_under_bf16_autocast_match_the_padded_forward():
     real_apply = policies.packed._LowPrecisionSoftmax.apply
     policies.packed._LowPrecisionSoftmax.apply = lambda *a: calls.append(1) or real_apply(*a)
 
-    def grads(fn):
+    def grads(fn, dtype=torch.bfloat16):
         model.zero_grad(set_to_none=True)
-        with autocast(torch.device("cpu"), torch.bfloat16):
+        with autocast(torch.device("cpu"), dtype):
             out = fn(model, ids, mask)
         (out.float()[real] * w[real]).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -131,12 +141,18 @@ def test_packed_gradients_under_bf16_autocast_match_the_padded_forward():
         g_packed = grads(packed_hidden_states)
     finally:
         policies.packed._LowPrecisionSoftmax.apply = real_apply
-    g_padded = grads(_padded_hidden)
+    g_padded, g_exact = grads(_padded_hidden), grads(_padded_hidden, None)
     assert len(calls) == 2  # one per layer
+
+    def rel(g, n):
+        return float((g[n] - g_exact[n]).norm() / g_exact[n].norm())
+
+    # each gradient is the fp32 one to bf16's precision, as transformers' own bf16 forward is
     for n in g_packed:
         assert g_packed[n].abs().sum() > 0, n
-        rel = (g_packed[n] - g_padded[n]).norm() / g_padded[n].norm()
-        assert rel < 0.02, (n, float(rel))
+        assert rel(g_packed, n) < 0.04, (n, rel(g_packed, n), rel(g_padded, n))
+    mean_packed, mean_padded = (sum(rel(g, n) for n in g_packed) / len(g_packed) for g in (g_packed, g_padded))
+    assert mean_packed < 1.5 * mean_padded, (mean_packed, mean_padded)
 
 
 def test_completion_logits_packed_equal_the_transformers_logits():
@@ -240,6 +256,92 @@ def test_packed_greedy_generation_under_bf16_autocast_matches_transformers():
     assert torch.equal(ours, hf)
 
 
+def test_stacking_keeps_the_weights_and_lays_each_group_out_in_one_storage():
+    from policies.packed import _parts, factored_layers, stack_frozen_projections
+
+    model = _with_lora(_tiny("qwen2"))
+    layers = _parts(model)[1]
+    assert factored_layers(layers) is None  # separate weights: the modules run
+    ids, mask = _batch()
+    with torch.no_grad():
+        before_out = _padded_hidden(model, ids, mask)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert stack_frozen_projections(model) == 2 * len(layers)
+    assert stack_frozen_projections(model) == 0  # already laid out
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+        assert after[n].requires_grad == ("lora_" in n), n
+    for layer in layers:
+        for group in ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj), (layer.mlp.gate_proj, layer.mlp.up_proj)):
+            ptrs = {p.get_base_layer().weight.untyped_storage().data_ptr() for p in group}
+            assert len(ptrs) == 1
+    with torch.no_grad():
+        assert torch.equal(_padded_hidden(model, ids, mask), before_out)
+
+
+def test_trainable_base_weights_are_not_stacked_and_run_as_modules():
+    from policies.packed import _parts, factored_layers, stack_frozen_projections
+
+    model = _tiny("llama")  # full fine-tuning: every weight trains
+    assert stack_frozen_projections(model) == 0
+    assert factored_layers(_parts(model)[1]) is None
+
+
+def _saved_bytes(model, ids, mask):
+    """Bytes of the distinct storages autograd keeps for the backward of one packed forward under
+    bf16 autocast, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), torch.bfloat16):
+        packed_hidden_states(model, ids, mask)
+    return sum(seen.values())
+
+
+def test_factored_layers_keep_less_for_the_backward(monkeypatch):
+    """Under autocast the module pass keeps act(gate) and act(gate) ⊙ up (bf16, each N × I) in
+    every layer; the factored pass recomputes them in the backward (`_GatedDown`) and keeps bf16
+    copies of its stacked factors A and B instead, which on this tiny model are not small."""
+    import policies.packed
+
+    model = _with_lora(_tiny("llama"), stacked=True)
+    ids = torch.randint(1, 97, (8, 32), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    layers = policies.packed._parts(model)[1]
+    factors = sum(2 * (p.a.numel() + p.b.numel()) for dl in policies.packed.factored_layers(layers) for p in (dl.qkv, dl.o, dl.gate_up, dl.down))
+    factored = _saved_bytes(model, ids, mask)
+    monkeypatch.setattr(policies.packed, "factored_layers", lambda layers: None)
+    modules = _saved_bytes(model, ids, mask)
+    N, I = ids.numel(), unwrap_causal_lm(model).config.intermediate_size
+    assert modules - factored >= len(layers) * 2 * (2 * N * I) - factors, (modules, factored, factors)
+
+
+def test_scatter_into_padding_keeps_only_the_index():
+    """`_Scatter` computes index_copy and its gradient, and keeps only the index for the backward
+    (index_copy's autograd keeps the source too)."""
+    from policies.packed import _Scatter
+
+    t = torch.randn(5, 3, 2, requires_grad=True)
+    index = torch.tensor([0, 2, 3, 6, 7])
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: kept.append(x) or x, lambda x: x):
+        out = _Scatter.apply(t, index, 8)
+    expected = torch.zeros(8, 3, 2).index_copy(0, index, t)
+    assert torch.equal(out, expected)
+    assert len(kept) == 1 and kept[0] is index
+    g = torch.randn(8, 3, 2)
+    (grad,) = torch.autograd.grad(out, t, g)
+    assert torch.equal(grad, torch.autograd.grad(expected, t, g)[0])
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_merged_dense_layers_compute_what_the_adapted_modules_compute(kind):
     from policies.packed import _output_and_mlp, _parts, _rotated_qkv, dense_layers
@@ -252,19 +354,19 @@ def test_merged_dense_layers_compute_what_the_adapted_modules_compute(kind):
     attended = torch.randn(6, 32)
     with torch.no_grad():
         dense = dense_layers(layers, torch.float32)
-        assert dense is not None and dense[0].qkv.shape == (32 + 16 + 16, 32) and dense[0].gate_up.shape == (128, 32)
-        assert (dense[0].qkv_bias is not None) == (kind == "qwen2")
+        assert dense is not None and dense[0].qkv.weight.shape == (32 + 16 + 16, 32) and dense[0].gate_up.weight.shape == (128, 32)
+        assert (dense[0].qkv.bias is not None) == (kind == "qwen2") and dense[0].qkv.a is None
         for layer, dl in zip(layers, dense):
             for ours, ref in zip(_rotated_qkv(layer, x, cos[0], sin[0], rope, dl), _rotated_qkv(layer, x, cos[0], sin[0], rope)):
                 torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(_output_and_mlp(layer, x, attended, dl), _output_and_mlp(layer, x, attended), atol=1e-5, rtol=1e-5)
         # the adapters matter here (B ≠ 0), so the merged weight is not the base weight ...
         base_q = layers[0].self_attn.q_proj.get_base_layer().weight
-        assert not torch.allclose(dense[0].qkv[:32], base_q)
+        assert not torch.allclose(dense[0].qkv.weight[:32], base_q)
         # ... and with the adapters off it is exactly the base weight
         with model.disable_adapter():
             plain = dense_layers(layers, torch.float32)
-        assert torch.equal(plain[0].qkv[:32], base_q)
+        assert torch.equal(plain[0].qkv.weight[:32], base_q)
 
 
 def test_sampling_runs_modules_where_no_merged_weight_exists():

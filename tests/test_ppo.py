@@ -58,6 +58,24 @@ def test_reference_logprobs_are_the_base_model(tiny_llama_dir):
     assert out.values.shape == out.logprobs.shape
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_fresh_policy_equals_the_reference_bit_for_bit(tiny_llama_dir, amp):
+    """With fresh adapters (B = 0) the policy is the reference, so the first update's KL must be
+    exactly 0 in every token: the factored layers add the adapters' zero product exactly."""
+    from policies.packed import _parts, factored_layers
+    from policies.text import encode_completions
+
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
+    ac.store_frozen_in(amp)
+    assert factored_layers(_parts(ac.policy)[1]) is not None
+    enc = encode_completions(ac.tokenizer, ["Hello there", "Hi"], ["General Kenobi", "How are you doing today?"], add_eos=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        ref = ac.reference_logprobs(enc)
+        out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
+    m = enc.completion_mask[:, enc.prompt_width :].bool()
+    assert torch.equal(out.logprobs[m], ref[m])
+
+
 @pytest.mark.parametrize("layout", ["shared_lora", "separate"])
 def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout):
     extra = ["layout=separate", "model.lora.enabled=false"] if layout == "separate" else []
@@ -170,6 +188,7 @@ def test_sequential_backward_gives_the_joint_update(tiny_llama_dir, tmp_path, ov
 def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tiny_llama_dir, tmp_path, amp):
     """A LoRA reward model trained on the policy's base runs as a frozen adapter on that base:
     same scores as the model loaded on its own, the policy is untouched, nothing new trains."""
+    from policies.packed import stack_frozen_projections
     from rewards.reward_model import RewardModelProvider, load_reward_model, new_reward_model
 
     torch.manual_seed(0)
@@ -190,6 +209,7 @@ def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tiny
                 p.normal_()
     trainable = [n for n, _ in ac.trainable_named_parameters()]
     enc = rm.encode(prompts, completions)
+    stack_frozen_projections(ac.policy)  # as store_frozen_in below will: the same (factored) pass before and after
     with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         policy_before = ac(enc.input_ids, enc.attention_mask, enc.prompt_width).logprobs
     shared_rm = ac.attach_reward_model(str(tmp_path / "rm"))
