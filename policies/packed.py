@@ -281,16 +281,35 @@ class Projection:
     that multiplies by B, so the adapters of a projection cost two matmuls and no elementwise
     pass over the (n, out) output; peft's LoRA layer adds a scale, a sum and casts."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     bias: torch.Tensor | None = None
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    prepacked: Any = None  # `prepack`: W in oneDNN's blocked layout (then `weight` is dropped)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prepacked is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, "none", [], "")
         y = F.linear(x, self.weight, self.bias)
         if self.a is None:
             return y
         return torch.addmm(y, F.linear(x, self.a), self.b.t())
+
+    def prepack(self, rows: int) -> None:
+        """Reorder a bf16 CPU weight without adapter factors, once, into oneDNN's blocked layout
+        for matmuls of about `rows` rows. F.linear reorders the weight on every call: on this
+        project's CPU a decoding step's matmuls of 8 rows took 30-45% less time prepacked (0.41 →
+        0.29 ms per SmolLM2 layer, 4.7 → 2.6 ms for its LM head), and 5-10% less for 750
+        rows, for a one-off 33 ms for all 30 layers. Same bits as F.linear (test). No-op where
+        this doesn't apply (fp32 packed matmuls are not bit-identical here)."""
+        if _can_prepack(self.weight) and self.a is None and (self.bias is None or self.bias.dtype == self.weight.dtype):
+            self.prepacked = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+            self.weight = None
+
+
+def _can_prepack(w: torch.Tensor | None) -> bool:
+    return (w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 @dataclass
@@ -549,6 +568,18 @@ def _decode_layer(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return _output_and_mlp(layer, x, out.reshape(x.shape[0], -1), dense)
 
 
+def _head_for(head: Any, rows: int, prepack: bool) -> Any:
+    """The LM head for sampling: prepacked (`Projection.prepack`) where it is a plain bf16 Linear
+    and the compute dtype is bf16, fed its input in that dtype; else the module itself."""
+    if not prepack or type(head) is not torch.nn.Linear or not _can_prepack(head.weight):
+        return head
+    if torch.get_autocast_dtype(head.weight.device.type) != torch.bfloat16:
+        return head
+    proj = Projection(head.weight, head.bias)
+    proj.prepack(rows)
+    return lambda h: proj(_amp_input(h))
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """One token per row from softmax(logits / τ), after top-k / top-p filtering (transformers'
     own warpers), by the Gumbel-max trick: argmax(z + G), G = −log(−log U), U ~ Uniform(0, 1),
@@ -597,6 +628,10 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     kind = lm.config._attn_implementation
     amp = torch.is_autocast_enabled(dev.type)
     dense = _dense_for(layers, dev) if merge_weights else None
+    if dense is not None:
+        for dl in dense:
+            for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
+                proj.prepack(B)
     dense_or_none = dense if dense is not None else [None] * len(layers)
     kv_dtype = torch.get_autocast_dtype(dev.type) if amp else None
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
@@ -614,7 +649,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
             Kb[:, :, :P], Vb[:, :, :P] = K, V
             caches.append((Kb, Vb))
         last = torch.searchsorted(index, torch.arange(B, device=dev) * P + P - 1)  # each row's last prompt token
-        head = lm.get_output_embeddings()
+        head = _head_for(lm.get_output_embeddings(), B, amp and merge_weights)
         logits = head(_rms_norm(decoder.norm, x[last])).float()
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
         dmask = _attention_mask(full_mask, kind, x.dtype)[:, :, -1:]  # the last row sees every real key

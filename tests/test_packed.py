@@ -256,6 +256,50 @@ def test_packed_greedy_generation_under_bf16_autocast_matches_transformers():
     assert torch.equal(ours, hf)
 
 
+def test_prepacked_projections_and_sampling_give_the_same_bits(monkeypatch):
+    """Sampling prepacks the merged bf16 weights and the LM head (`Projection.prepack`): each
+    matmul gives F.linear's bits, for the rows it was packed for and others, so the sampled
+    tokens are the same as from the plain weights, draw for draw."""
+    import policies.packed
+    from policies.models import store_frozen_linears_in
+    from policies.packed import Projection, packed_generate
+
+    assert torch.backends.mkldnn.is_available()  # x86 CPU builds of torch (CI's machine) have oneDNN
+    g = torch.Generator().manual_seed(4)
+    w, bias = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    proj = Projection(w, bias)
+    proj.prepack(8)
+    assert proj.prepacked is not None and proj.weight is None
+    for rows in (8, 37):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        assert torch.equal(proj(x), torch.nn.functional.linear(x, w, bias))
+    fp32 = Projection(w.float())
+    fp32.prepack(8)
+    assert fp32.prepacked is None  # fp32 packed matmuls are not bit-identical: left alone
+
+    model = _with_lora(_tiny("llama", hidden_size=64))
+    store_frozen_linears_in(model, torch.bfloat16)  # the LM head gets its own bf16 copy
+    ids, mask = _prompts()
+    packed = []
+    real = Projection.prepack
+
+    def counting(self, rows):
+        real(self, rows)
+        packed.append(self.prepacked is not None)
+
+    monkeypatch.setattr(Projection, "prepack", counting)
+
+    def sample():
+        torch.manual_seed(5)
+        with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
+            return packed_generate(model, ids, mask, max_new_tokens=8, temperature=1.0, eos_token_id=96, pad_token_id=0)
+
+    with_prepack = sample()
+    assert packed == [True] * (4 * 2 + 1)  # four projections per layer, two layers, the head
+    monkeypatch.setattr(policies.packed, "_can_prepack", lambda w: False)
+    assert torch.equal(with_prepack, sample())
+
+
 def test_stacking_keeps_the_weights_and_lays_each_group_out_in_one_storage():
     from policies.packed import _parts, factored_layers, stack_frozen_projections
 
