@@ -90,7 +90,7 @@ class PPOConfig:
     value_clip: float = doc(0.2, "value clip ε_V")
     vf_coef: float = doc(0.1, "value-loss weight")
     sequential_backward: bool = doc(True, "one process: backpropagate the policy, then the critic in `critic_chunks` row chunks, so their activation graphs never coexist in full (same gradients, less peak memory)")
-    critic_chunks: int = doc(2, "with sequential_backward: row chunks the critic's forward and backward run in")
+    critic_chunks: int = doc(1, "with sequential_backward: row chunks the critic's forward and backward run in")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
     seed: int = doc(0, "random seed")
     output_dir: str = doc("runs/ppo", "run directory")
