@@ -272,7 +272,6 @@ class _GatedDown(torch.autograd.Function):
         return d_gate_up, None, None, da, db, None
 
 
-
 @dataclass
 class Projection:
     """x ↦ x·Wᵀ + b + (x·Aᵀ)·Bᵀ for rows x (n, in): a frozen weight W (out, in), possibly the
