@@ -290,3 +290,16 @@ def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_di
     change = ((after - ro.logprobs) * ro.mask).sum(-1)  # Δ log π(y|x) per sample
     assert change[0] > 0 and change[2] > 0, change
     assert change[1] < 0 and change[3] < 0, change
+
+
+def test_critic_chunks_default_follows_the_layout():
+    from rlhf.ppo import critic_chunks
+
+    def chunks(*overrides):
+        return critic_chunks(load_config(PPOConfig, None, ["reward={type: bt, path: rm}", *overrides]))
+
+    assert chunks() == 1  # shared_lora: the critic's small graph fits beside the policy's
+    assert chunks("layout=separate", "model.lora.enabled=false") == 4  # full fp32 models: 4 chunks
+    assert chunks("layout=separate", "model.lora.enabled=false", "critic_chunks=2") == 2
+    with pytest.raises(ValueError, match="critic_chunks"):
+        chunks("critic_chunks=0")
