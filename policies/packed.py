@@ -378,9 +378,8 @@ def _stacked(parts: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
         torch.addmm(w.to(dtype), b.to(dtype), a.to(dtype), alpha=scale, out=dst)
         for b, a, scale in rest:
             dst.addmm_(b.to(dtype), a.to(dtype), alpha=scale)
-    if all(bias is None for _, bias, _ in parts):
-        return out, None
-    return out, torch.cat([(bias if bias is not None else w.new_zeros(w.shape[0])).to(dtype) for w, bias, _ in parts])
+    bias = _stacked_bias(parts)
+    return out, None if bias is None else bias.to(dtype)
 
 
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -444,6 +443,7 @@ def _stacked_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _stacked_bias(parts: list) -> torch.Tensor | None:
+    """The parts' biases end to end (zeros for a part without one), or None when none has one."""
     if all(bias is None for _, bias, _ in parts):
         return None
     return torch.cat([bias if bias is not None else w.new_zeros(w.shape[0]) for w, bias, _ in parts])
@@ -471,7 +471,8 @@ def stack_frozen_projections(model: Any) -> int:
         return 0
     stacked = 0
     for layer in _parts(model)[1]:
-        for g in (_groups(layer)[0], _groups(layer)[2]):
+        qkv, _, gate_up, _ = _groups(layer)
+        for g in (qkv, gate_up):
             bases = [p.get_base_layer() if hasattr(p, "get_base_layer") else p for p in g]
             if any(type(b) is not torch.nn.Linear or b.weight.requires_grad or b.weight.dtype != bases[0].weight.dtype for b in bases):
                 continue
