@@ -8,10 +8,14 @@ projections, LoRA adapters, norms and MLPs: nearly all the FLOPs and nearly all 
 activations) on the N real tokens only, as one (N, D) matrix, and scatters queries, keys and
 values into the padded (B, H, T, d) layout just for the attention product, which is small.
 
-It calls the model's own modules (so LoRA adapters, 4-bit layers and the active adapter all
-apply as usual), the model's own rotary embedding, and its sdpa attention or an eager attention
-with the same arithmetic (`grouped_eager_attention`), so on the real tokens it computes what
-the model's padded forward computes.
+Its projections run as the model's own modules (so LoRA adapters, 4-bit layers and the active
+adapter all apply as usual), or, where every projection has a plain matrix form, on the same
+matrices read from those modules: merged (W + s·B·A) for sampling and reward scoring, factored
+(frozen stacked W, adapters as stacked A and block-diagonal B) for the other passes; see
+`DenseLayer`. It uses the model's own rotary embedding, and its sdpa attention or an eager
+attention with the same arithmetic (`grouped_eager_attention`), so on the real tokens it
+computes what the model's padded forward computes (bit for bit through the modules, to
+rounding through the merged or factored matrices).
 `tests/test_packed.py` checks this against the transformers forward, with adapters, under
 autocast and with activation checkpointing. Other architectures, and other attention kernels,
 fall back to the transformers forward (`can_pack`).
@@ -185,8 +189,8 @@ def _layer_forward(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     """One decoder layer on the packed residual stream x (N, D); mirrors the transformers
     LlamaDecoderLayer / LlamaAttention forward, token for token. With `kv` (generation), the
     layer's keys (after RoPE) and values, padded (B, H_kv, T, d), are appended to it. With
-    `dense` (passes without gradients), the projections use its merged weights instead of the
-    modules."""
+    `dense` (merged or factored, see `DenseLayer`), the projections use its matrices instead of
+    the modules."""
     attn = layer.self_attn
     q, k, v = _rotated_qkv(layer, x, cos, sin, rope, dense)
     K, V = _to_padded(k, index, B, T), _to_padded(v, index, B, T)
