@@ -115,34 +115,34 @@ def test_packed_gradients_match_the_padded_forward(checkpointing, kind, stacked)
 
 @pytest.mark.parametrize("stacked", [False, True])
 def test_packed_gradients_under_bf16_autocast_match_the_padded_forward(stacked):
-    """Under autocast the attention keeps only the bf16 probabilities for its backward
-    (`_LowPrecisionSoftmax`): the gradients stay the fp32 ones to bf16's precision, as close as
-    transformers' own bf16 forward gets (about 1.2% here), and a wrong softmax backward would be
-    far off. Stacked: the factored layers,
-    whose MLP recomputes act(gate) ⊙ up in its backward (`_GatedDown`)."""
-    import policies.packed
-
+    """Under autocast the attention scores stay bf16 (the mask is built in bf16), and autograd
+    keeps only the bf16 probabilities for the softmax backward, no fp32 (B, H, T, T) tensor: the
+    gradients stay the fp32 ones to bf16's precision, as close as transformers' own bf16 forward
+    gets (about 1.2% here), and a wrong softmax backward would be far off. Stacked: the factored
+    layers, whose MLP recomputes act(gate) ⊙ up in its backward (`_GatedDown`)."""
     model = _with_lora(_tiny("llama", hidden_size=64), stacked)
     ids, mask = _batch()
     real = mask.bool()
     w = torch.randn(*ids.shape, 64, generator=torch.Generator().manual_seed(2))
-    calls = []
-    real_apply = policies.packed._LowPrecisionSoftmax.apply
-    policies.packed._LowPrecisionSoftmax.apply = lambda *a: calls.append(1) or real_apply(*a)
+    B, T = ids.shape
+    heads = model.config.num_attention_heads
+    scores_like = []
 
-    def grads(fn, dtype=torch.bfloat16):
+    def keep(t):
+        if t.shape == (B, heads, T, T):
+            scores_like.append(t.dtype)
+        return t
+
+    def grads(fn, dtype=torch.bfloat16, hook=False):
         model.zero_grad(set_to_none=True)
-        with autocast(torch.device("cpu"), dtype):
+        with autocast(torch.device("cpu"), dtype), torch.autograd.graph.saved_tensors_hooks(keep if hook else (lambda t: t), lambda t: t):
             out = fn(model, ids, mask)
         (out.float()[real] * w[real]).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    try:
-        g_packed = grads(packed_hidden_states)
-    finally:
-        policies.packed._LowPrecisionSoftmax.apply = real_apply
+    g_packed = grads(packed_hidden_states, hook=True)
     g_padded, g_exact = grads(_padded_hidden), grads(_padded_hidden, None)
-    assert len(calls) == 2  # one per layer
+    assert scores_like == [torch.bfloat16] * 2  # the probabilities, one per layer
 
     def rel(g, n):
         return float((g[n] - g_exact[n]).norm() / g_exact[n].norm())
@@ -153,6 +153,25 @@ def test_packed_gradients_under_bf16_autocast_match_the_padded_forward(stacked):
         assert rel(g_packed, n) < 0.04, (n, rel(g_packed, n), rel(g_padded, n))
     mean_packed, mean_padded = (sum(rel(g, n) for n in g_packed) / len(g_packed) for g in (g_packed, g_padded))
     assert mean_packed < 1.5 * mean_padded, (mean_packed, mean_padded)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_softmax_equals_the_fp32_softmax_cast_down(dtype):
+    """`grouped_eager_attention` adds the mask in the scores' low precision and takes the
+    softmax there; transformers promotes to fp32 (an fp32 mask), takes the softmax and casts
+    down. Same bits: torch's low-precision softmax computes in fp32 and rounds once, and a
+    masked score gets probability exactly 0 either way."""
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 7, 37, 129, 160):
+        scores = (torch.randn(3, 4, 5, L, generator=g) * 6).to(dtype)
+        allowed = torch.rand(3, 1, 5, L, generator=g) < 0.7
+        allowed[..., 0] = True
+        low = torch.where(allowed, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+        high = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        ours = torch.softmax(scores + low, dim=-1)
+        theirs = torch.softmax(scores + high, dim=-1, dtype=torch.float32).to(dtype)
+        assert ours.dtype == dtype and torch.equal(ours, theirs), L
+        assert (ours[~allowed.expand_as(ours)] == 0).all()
 
 
 def test_completion_logits_packed_equal_the_transformers_logits():
