@@ -114,7 +114,8 @@ def grouped_eager_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     a key/value head stacked into one matrix instead of copying keys and values once per query
     head (repeat_kv), and the scale applied to q when it is a power of two (q·kᵀ·2ᵏ = (q·2ᵏ)·kᵀ
     exactly, on a tensor H/H_kv·T/L times smaller than the scores). The same softmax (fp32
-    inside) and the same output bits; under autocast the scores and mask stay in bf16. query (B, H, T, d); key, value (B, H_kv, L, d); returns (B, T, H, d)."""
+    inside) and the same forward bits; under autocast the scores and the mask stay in bf16.
+    query (B, H, T, d); key, value (B, H_kv, L, d); returns (B, T, H, d)."""
     B, H, T, d = query.shape
     Hk, L = key.shape[1], key.shape[2]
     g = H // Hk
