@@ -155,6 +155,26 @@ def test_packed_gradients_under_bf16_autocast_match_the_padded_forward(stacked):
     assert mean_packed < 1.5 * mean_padded, (mean_packed, mean_padded)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_rotation_of_queries_and_keys_equals_the_models_rotary_embedding(dtype):
+    """`_rotate` turns queries and keys side by side (the factored and merged layers' q/k/v
+    output), cast up once: the same bits as transformers' apply_rotary_pos_emb on each, which
+    multiplies a bf16 projection output by fp32 cos and sin."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+    from policies.packed import _rotate
+
+    g = torch.Generator().manual_seed(0)
+    n, H, Hk, d = 11, 6, 2, 16
+    qk = torch.randn(n, H + Hk, d, generator=g).to(dtype)
+    angles = torch.rand(n, d // 2, generator=g) * 40
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q, k = apply_rotary_pos_emb(qk[:, :H], qk[:, H:], cos, sin, unsqueeze_dim=1)
+    joint = _rotate(qk, cos, sin, rotate_half)
+    assert joint.dtype == q.dtype == torch.float32
+    assert torch.equal(joint[:, :H], q) and torch.equal(joint[:, H:], k)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_softmax_equals_the_fp32_softmax_cast_down(dtype):
     """`grouped_eager_attention` adds the mask in the scores' low precision and takes the
