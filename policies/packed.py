@@ -85,9 +85,15 @@ def _attention_mask(attention_mask: torch.Tensor, kind: str, dtype: torch.dtype)
     causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     allowed = causal & attention_mask.bool()[:, None, None, :]
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=dev)
+    return _encoded_mask(allowed, kind, dtype)
+
+
+def _encoded_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as the attention kind reads it: as it is for sdpa, else additive (0 where
+    allowed, the dtype's lowest value elsewhere)."""
     if kind == "sdpa":
         return allowed
-    zero, low = torch.zeros((), dtype=dtype, device=dev), torch.full((), torch.finfo(dtype).min, dtype=dtype, device=dev)
+    zero, low = torch.zeros((), dtype=dtype, device=allowed.device), torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, low)
 
 
@@ -194,8 +200,8 @@ def _rotated_qkv(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q, k, v = (proj(h).view(n, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         q, k = rope(q, k, cos, sin, unsqueeze_dim=1)
         return q, k, v
-    nq, nk, _ = dense.qkv_sizes
-    qk, v = dense.qkv(h).split((nq + nk, dense.qkv_sizes[2]), dim=-1)
+    nq, nk, nv = dense.qkv_sizes
+    qk, v = dense.qkv(h).split((nq + nk, nv), dim=-1)
     q, k = _rotate(qk.view(n, -1, d), cos, sin, sys.modules[type(attn).__module__].rotate_half).split((nq // d, nk // d), dim=1)
     return q, k, v.view(n, -1, d)
 
@@ -506,8 +512,7 @@ def _normed(norm: Any, x: torch.Tensor) -> torch.Tensor:
     w, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     if (torch.is_grad_enabled() and x.requires_grad and w is not None and eps is not None and not w.requires_grad
             and x.dtype == torch.float32 and w.dtype == torch.float32 and type(norm).__name__ in _RMS_NORMS and bool((w != 0).all())):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _RMSNormForMatmul.apply(x, w, eps, dtype)
+        return _RMSNormForMatmul.apply(x, w, eps, _compute_dtype(x))
     return _amp_input(_rms_norm(norm, x))
 
 
@@ -542,11 +547,12 @@ def _amp_input(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _scores_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of the attention scores for the residual stream x: autocast's, else x's. The
-    additive mask is built in it, so that adding it keeps the scores in that dtype (an fp32
-    mask would promote bf16 scores to an fp32 copy): 0 leaves a score unchanged, and the
-    dtype's lowest value still sends a masked score's probability to exactly 0."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls on the residual stream x compute in, and so that of the attention
+    scores: autocast's, else x's. The norms' outputs are cast to it, and the additive mask is
+    built in it, so that adding it keeps the scores in that dtype (an fp32 mask would promote
+    bf16 scores to an fp32 copy): 0 leaves a score unchanged, and the dtype's lowest value
+    still sends a masked score's probability to exactly 0."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
@@ -567,7 +573,7 @@ def _packed_inputs(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.
     x = decoder.embed_tokens(input_ids.reshape(-1)[index])
     pos = positions_of(attention_mask).reshape(-1)[index]
     cos, sin = decoder.rotary_emb(x[None], pos[None])
-    mask = _attention_mask(attention_mask, decoder.config._attn_implementation, _scores_dtype(x))
+    mask = _attention_mask(attention_mask, decoder.config._attn_implementation, _compute_dtype(x))
     return index, x, cos[0], sin[0], mask
 
 
@@ -604,7 +610,8 @@ def _dense_for(layers: Any, device: torch.device) -> list[DenseLayer] | None:
 def _decode_layer(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, K: torch.Tensor, V: torch.Tensor, col: int, mask: torch.Tensor, attn_fn: Any, rope: Any, dense: DenseLayer | None = None) -> torch.Tensor:
     """One decoder layer for one new token per row: x (B, D); K, V (B, H_kv, L, d) buffers whose
     column `col` receives this token's key and value. Attention runs over the whole buffers, and
-    `mask` (B, 1, 1, L) hides the columns not yet written: a slice of the first col + 1 columns
+    `mask` (B, 1, 1, L) hides the columns not yet written (`packed_generate` opens each column at
+    its step): a slice of the first col + 1 columns
     is a strided matrix that the matmul copies first (q·Kᵀ of one SmolLM2 layer: 127 µs on the
     slice, 51 µs on the whole buffer). Same result up to rounding: the masked columns add exact
     zeros, in another summation order."""
@@ -613,15 +620,6 @@ def _decode_layer(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     V[:, :, col] = v
     out, _ = attn_fn(layer.self_attn, q[:, :, None], K, V, mask, dropout=0.0, scaling=layer.self_attn.scaling)
     return _output_and_mlp(layer, x, out.reshape(x.shape[0], -1), dense)
-
-
-def _decode_mask(seen: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, 1, L) decoding mask over the key buffers from `seen` (B, L): boolean for sdpa, else
-    additive (0 where seen, the dtype's lowest value elsewhere)."""
-    if kind == "sdpa":
-        return seen[:, None, None, :].clone()
-    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=seen.device)
-    return torch.where(seen, torch.zeros((), dtype=dtype, device=seen.device), low)[:, None, None, :].contiguous()
 
 
 def _head_for(head: Any, rows: int, prepack: bool) -> Any:
@@ -709,7 +707,8 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
         logits = head(_rms_norm(decoder.norm, x[last])).float()
         # The new token's row of the mask: the real prompt keys, then each sampled key from its step on.
         seen = torch.cat([attention_mask.bool(), attention_mask.new_zeros(B, max_new_tokens, dtype=torch.bool)], dim=1)
-        dmask = _decode_mask(seen, kind, _scores_dtype(x))
+        dmask = _encoded_mask(seen[:, None, None, :], kind, _compute_dtype(x)).clone()  # (B, 1, 1, L), written below
+        visible = _encoded_mask(seen.new_ones(()), kind, dmask.dtype)
         next_pos = positions_of(attention_mask)[:, -1] + 1
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         out = []
@@ -720,7 +719,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
             finished |= tok == eos_token_id
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
-            dmask[..., P + t] = True if kind == "sdpa" else 0
+            dmask[..., P + t] = visible
             x = decoder.embed_tokens(tok)
             cos, sin = decoder.rotary_emb(x[None], (next_pos + t)[None])
             for layer, (Kb, Vb), dl in zip(layers, caches, dense_or_none):
