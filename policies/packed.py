@@ -302,19 +302,24 @@ class Projection:
         return torch.addmm(y, F.linear(x, self.a), self.b.t())
 
     def prepack(self, rows: int) -> None:
-        """Reorder a bf16 CPU weight without adapter factors, once, into oneDNN's blocked layout
-        for matmuls of about `rows` rows. F.linear reorders the weight on every call: on this
-        project's CPU a decoding step's matmuls of 8 rows took 30-45% less time prepacked (0.41 →
-        0.29 ms per SmolLM2 layer, 4.7 → 2.6 ms for its LM head), and 5-10% less for 750
-        rows, for a one-off 33 ms for all 30 layers. Same bits as F.linear (test). No-op where
-        this doesn't apply (fp32 packed matmuls are not bit-identical here)."""
+        """Reorder a bf16 or fp32 CPU weight without adapter factors, once, into oneDNN's blocked
+        layout for matmuls of about `rows` rows (then any number of rows may follow). F.linear
+        reorders a bf16 weight on every call, and runs fp32 through MKL, whose kernels on this
+        project's CPU (AMD EPYC) are slower than oneDNN's. Measured for SmolLM2-135M's 30
+        layers: a decoding step's matmuls of 8 rows, bf16 0.41 → 0.29 ms per layer, fp32
+        38.5 → 20 ms per step; its LM head, bf16 4.7 → 2.6 ms, fp32 15.3 → 3.9 ms; 1,077 rows
+        in fp32, 12-15% less time (0.18-0.20 → 0.22 TFLOP/s); bf16 750 rows 5-10% less. A
+        reorder costs about a third of a millisecond for a 3072 × 576 weight. bf16 gives
+        F.linear's bits (test); fp32 sums in another order, so results differ from F.linear by
+        rounding (about 1e-7 relative): it serves passes without gradients (sampling, reward
+        and reference scoring), never the log-probs that training differentiates."""
         if _can_prepack(self.weight) and self.a is None and (self.bias is None or self.bias.dtype == self.weight.dtype):
             self.prepacked = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
             self.weight = None
 
 
 def _can_prepack(w: torch.Tensor | None) -> bool:
-    return (w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2
+    return (w is not None and w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
@@ -581,13 +586,17 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     """Final hidden states (B, T, D) of a packable decoder (`can_pack`), computed on the real
     tokens only; padding positions hold zeros. Positions restart at each row's first real token.
     With `merge_weights`, a pass without gradients runs on merged dense weights
-    (`dense_layers`, made for this call): the same function up to rounding, without the
-    adapters' extra operators (reward-model scoring). Any other pass runs on the factored
+    (`dense_layers`, made and prepacked for this call, `Projection.prepack`): the same function
+    up to rounding, without the adapters' extra operators (reward and reference scoring). Any
+    other pass runs on the factored
     layers where they exist (`factored_layers`: frozen stacked base weights, adapters as
     stacked low-rank factors), else on the modules."""
     decoder, layers, attn_fn, rope = _parts(model)
     B, T = input_ids.shape
-    dense = _dense_for(layers, input_ids.device) if merge_weights and not torch.is_grad_enabled() else factored_layers(layers)
+    if merge_weights and not torch.is_grad_enabled():
+        dense = _prepacked(_dense_for(layers, input_ids.device), int(attention_mask.sum()))
+    else:
+        dense = factored_layers(layers)
     index, x, cos, sin, mask = _packed_inputs(decoder, input_ids, attention_mask)
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         for layer, dl in zip(layers, dense or [None] * len(layers)):
@@ -607,6 +616,15 @@ def _dense_for(layers: Any, device: torch.device) -> list[DenseLayer] | None:
     return dense_layers(layers, torch.get_autocast_dtype(device.type) if amp else layers[0].self_attn.o_proj.weight.dtype)
 
 
+def _prepacked(dense: list[DenseLayer] | None, rows: int) -> list[DenseLayer] | None:
+    """Merged layers (made for one pass without gradients) with each projection prepacked for
+    matmuls of about `rows` rows (`Projection.prepack`)."""
+    for dl in dense or []:
+        for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
+            proj.prepack(rows)
+    return dense
+
+
 def _decode_layer(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, K: torch.Tensor, V: torch.Tensor, col: int, mask: torch.Tensor, attn_fn: Any, rope: Any, dense: DenseLayer | None = None) -> torch.Tensor:
     """One decoder layer for one new token per row: x (B, D); K, V (B, H_kv, L, d) buffers whose
     column `col` receives this token's key and value. Attention runs over the whole buffers, and
@@ -623,11 +641,13 @@ def _decode_layer(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 
 def _head_for(head: Any, rows: int, prepack: bool) -> Any:
-    """The LM head for sampling: prepacked (`Projection.prepack`) where it is a plain bf16 Linear
-    and the compute dtype is bf16, fed its input in that dtype; else the module itself."""
+    """The LM head for sampling: prepacked (`Projection.prepack`) where it is a plain bf16 or
+    fp32 Linear whose weight is in the dtype its matmul runs in (the autocast dtype, else its
+    own), fed its input in that dtype; else the module itself."""
     if not prepack or type(head) is not torch.nn.Linear or not _can_prepack(head.weight):
         return head
-    if torch.get_autocast_dtype(head.weight.device.type) != torch.bfloat16:
+    dev = head.weight.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != head.weight.dtype:
         return head
     proj = Projection(head.weight, head.bias)
     proj.prepack(rows)
@@ -666,8 +686,9 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     stopping-criteria checks and multinomial sampling) to a 60–80 ms step of SmolLM2-135M.
 
     With `merge_weights` (and projections that have a dense form, `dense_layers`), it samples
-    from one merged copy of the layers' matmul weights in the compute dtype, made at the start
-    and freed at the end: 212 MB for SmolLM2-135M in bf16. The numbers differ from the
+    from one merged copy of the layers' matmul weights in the compute dtype, prepacked
+    (`Projection.prepack`, as is the LM head), made at the start and freed at the end: 212 MB
+    for SmolLM2-135M in bf16. The numbers differ from the
     adapters' by rounding only (W + s·B·A rounded once against W·x + s·B·(A·x)); PPO recomputes
     every log-prob it uses with the modules themselves."""
     B, P = input_ids.shape
@@ -681,11 +702,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     decoder, layers, attn_fn, rope = _parts(model)
     kind = lm.config._attn_implementation
     amp = torch.is_autocast_enabled(dev.type)
-    dense = _dense_for(layers, dev) if merge_weights else None
-    if dense is not None:
-        for dl in dense:
-            for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
-                proj.prepack(B)
+    dense = _prepacked(_dense_for(layers, dev), B) if merge_weights else None
     dense_or_none = dense if dense is not None else [None] * len(layers)
     kv_dtype = torch.get_autocast_dtype(dev.type) if amp else None
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
@@ -703,7 +720,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
             Kb[:, :, :P], Vb[:, :, :P] = K, V
             caches.append((Kb, Vb))
         last = torch.searchsorted(index, torch.arange(B, device=dev) * P + P - 1)  # each row's last prompt token
-        head = _head_for(lm.get_output_embeddings(), B, amp and merge_weights)
+        head = _head_for(lm.get_output_embeddings(), B, merge_weights)
         logits = head(_rms_norm(decoder.norm, x[last])).float()
         # The new token's row of the mask: the real prompt keys, then each sampled key from its step on.
         seen = torch.cat([attention_mask.bool(), attention_mask.new_zeros(B, max_new_tokens, dtype=torch.bool)], dim=1)

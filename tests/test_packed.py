@@ -295,10 +295,11 @@ def test_packed_greedy_generation_under_bf16_autocast_matches_transformers():
     assert torch.equal(ours, hf)
 
 
-def test_prepacked_projections_and_sampling_give_the_same_bits(monkeypatch):
-    """Sampling prepacks the merged bf16 weights and the LM head (`Projection.prepack`): each
+def test_prepacked_projections_give_f_linears_numbers_and_sampling_uses_them(monkeypatch):
+    """Sampling prepacks the merged weights and the LM head (`Projection.prepack`). In bf16 each
     matmul gives F.linear's bits, for the rows it was packed for and others, so the sampled
-    tokens are the same as from the plain weights, draw for draw."""
+    tokens are the same as from the plain weights, draw for draw; in fp32 it rounds as F.linear
+    does, in another order, and fp32 models sample from prepacked weights too."""
     import policies.packed
     from policies.models import store_frozen_linears_in
     from policies.packed import Projection, packed_generate
@@ -312,9 +313,15 @@ def test_prepacked_projections_and_sampling_give_the_same_bits(monkeypatch):
     for rows in (8, 37):
         x = torch.randn(rows, 64, generator=g).bfloat16()
         assert torch.equal(proj(x), torch.nn.functional.linear(x, w, bias))
-    fp32 = Projection(w.float())
+    fp32 = Projection(w.float(), bias.float())
     fp32.prepack(8)
-    assert fp32.prepacked is None  # fp32 packed matmuls are not bit-identical: left alone
+    assert fp32.prepacked is not None and fp32.weight is None
+    for rows in (8, 37):
+        x = torch.randn(rows, 64, generator=g)
+        ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+        # oneDNN sums in its own order: fp32 rounding, as close to the exact product as F.linear is
+        err, err_plain = (fp32(x) - ref).abs().max(), (torch.nn.functional.linear(x, w.float(), bias.float()) - ref).abs().max()
+        assert err <= 4 * err_plain + 1e-6 and err < 1e-5
 
     model = _with_lora(_tiny("llama", hidden_size=64))
     store_frozen_linears_in(model, torch.bfloat16)  # the LM head gets its own bf16 copy
@@ -335,6 +342,11 @@ def test_prepacked_projections_and_sampling_give_the_same_bits(monkeypatch):
 
     with_prepack = sample()
     assert packed == [True] * (4 * 2 + 1)  # four projections per layer, two layers, the head
+    fp32_model = _with_lora(_tiny("llama", hidden_size=64))
+    packed.clear()
+    with torch.no_grad():
+        packed_generate(fp32_model, ids, mask, max_new_tokens=4, temperature=1.0, eos_token_id=96, pad_token_id=0)
+    assert packed == [True] * (4 * 2 + 1)
     monkeypatch.setattr(policies.packed, "_can_prepack", lambda w: False)
     assert torch.equal(with_prepack, sample())
 
