@@ -212,7 +212,7 @@ def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: tor
     """Last-layer hidden states (B, T, D) of a causal LM (peft-wrapped or not), without running
     its LM head; positions restart at each row's first real token (left padding). Llama-family
     models run padding-free (policies.packed): padding positions then hold zeros, and with
-    `merge_weights` a pass without gradients runs on merged, prepacked dense weights."""
+    `merge_weights` a pass without gradients runs on merged dense weights."""
     from policies.packed import can_pack, packed_hidden_states
     from rlhf.core import position_ids
 

@@ -309,10 +309,10 @@ class Projection:
         layers: a decoding step's matmuls of 8 rows, bf16 0.41 → 0.29 ms per layer, fp32
         38.5 → 20 ms per step; its LM head, bf16 4.7 → 2.6 ms, fp32 15.3 → 3.9 ms; 1,077 rows
         in fp32, 12-15% less time (0.18-0.20 → 0.22 TFLOP/s); bf16 750 rows 5-10% less. A
-        reorder costs about a third of a millisecond for a 3072 × 576 weight. bf16 gives
-        F.linear's bits (test); fp32 sums in another order, so results differ from F.linear by
-        rounding (about 1e-7 relative): it serves passes without gradients (sampling, reward
-        and reference scoring), never the log-probs that training differentiates."""
+        reorder costs 0.3-0.7 ms for a 3072 × 576 weight, so it pays where one packing serves
+        many calls: sampling (a prefill and a step per token). bf16 gives F.linear's bits
+        (test); fp32 sums in another order, so results differ from F.linear by rounding (about
+        1e-7 relative): the sampler's choices only, never a log-prob that PPO uses."""
         if _can_prepack(self.weight) and self.a is None and (self.bias is None or self.bias.dtype == self.weight.dtype):
             self.prepacked = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
             self.weight = None
@@ -586,17 +586,15 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     """Final hidden states (B, T, D) of a packable decoder (`can_pack`), computed on the real
     tokens only; padding positions hold zeros. Positions restart at each row's first real token.
     With `merge_weights`, a pass without gradients runs on merged dense weights
-    (`dense_layers`, made and prepacked for this call, `Projection.prepack`): the same function
-    up to rounding, without the adapters' extra operators (reward and reference scoring). Any
-    other pass runs on the factored
-    layers where they exist (`factored_layers`: frozen stacked base weights, adapters as
+    (`dense_layers`, made for this call): the same function up to rounding, without the
+    adapters' extra operators (reward-model scoring). They are not prepacked: for one pass of
+    about 1,000 rows the reorders cost what the faster matmuls save (reward scoring, 8-10
+    alternating repetitions, medians: bf16 0.888 s prepacked against 0.865 s, fp32 0.836 s
+    against 0.825 s). Any other pass runs on the factored layers where they exist (`factored_layers`: frozen stacked base weights, adapters as
     stacked low-rank factors), else on the modules."""
     decoder, layers, attn_fn, rope = _parts(model)
     B, T = input_ids.shape
-    if merge_weights and not torch.is_grad_enabled():
-        dense = _prepacked(_dense_for(layers, input_ids.device), int(attention_mask.sum()))
-    else:
-        dense = factored_layers(layers)
+    dense = _dense_for(layers, input_ids.device) if merge_weights and not torch.is_grad_enabled() else factored_layers(layers)
     index, x, cos, sin, mask = _packed_inputs(decoder, input_ids, attention_mask)
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         for layer, dl in zip(layers, dense or [None] * len(layers)):
@@ -617,8 +615,8 @@ def _dense_for(layers: Any, device: torch.device) -> list[DenseLayer] | None:
 
 
 def _prepacked(dense: list[DenseLayer] | None, rows: int) -> list[DenseLayer] | None:
-    """Merged layers (made for one pass without gradients) with each projection prepacked for
-    matmuls of about `rows` rows (`Projection.prepack`)."""
+    """Merged layers (made for sampling) with each projection prepacked for matmuls of about
+    `rows` rows (`Projection.prepack`)."""
     for dl in dense or []:
         for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
             proj.prepack(rows)
