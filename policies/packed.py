@@ -590,8 +590,9 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     adapters' extra operators (reward-model scoring). They are not prepacked: for one pass of
     about 1,000 rows the reorders cost what the faster matmuls save (reward scoring, 8-10
     alternating repetitions, medians: bf16 0.888 s prepacked against 0.865 s, fp32 0.836 s
-    against 0.825 s). Any other pass runs on the factored layers where they exist (`factored_layers`: frozen stacked base weights, adapters as
-    stacked low-rank factors), else on the modules."""
+    against 0.825 s). Any other pass runs on the factored layers where they exist
+    (`factored_layers`: frozen stacked base weights, adapters as stacked low-rank factors),
+    else on the modules."""
     decoder, layers, attn_fn, rope = _parts(model)
     B, T = input_ids.shape
     dense = _dense_for(layers, input_ids.device) if merge_weights and not torch.is_grad_enabled() else factored_layers(layers)
@@ -686,9 +687,9 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     With `merge_weights` (and projections that have a dense form, `dense_layers`), it samples
     from one merged copy of the layers' matmul weights in the compute dtype, prepacked
     (`Projection.prepack`, as is the LM head), made at the start and freed at the end: 212 MB
-    for SmolLM2-135M in bf16. The numbers differ from the
-    adapters' by rounding only (W + s·B·A rounded once against W·x + s·B·(A·x)); PPO recomputes
-    every log-prob it uses with the modules themselves."""
+    for SmolLM2-135M in bf16. The numbers differ from the adapters' by rounding only
+    (W + s·B·A rounded once against W·x + s·B·(A·x)); PPO recomputes every log-prob it uses
+    with the modules themselves."""
     B, P = input_ids.shape
     L = P + max_new_tokens
     if not can_pack(model, L):
