@@ -615,15 +615,6 @@ def _dense_for(layers: Any, device: torch.device) -> list[DenseLayer] | None:
     return dense_layers(layers, torch.get_autocast_dtype(device.type) if amp else layers[0].self_attn.o_proj.weight.dtype)
 
 
-def _prepacked(dense: list[DenseLayer] | None, rows: int) -> list[DenseLayer] | None:
-    """Merged layers (made for sampling) with each projection prepacked for matmuls of about
-    `rows` rows (`Projection.prepack`)."""
-    for dl in dense or []:
-        for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
-            proj.prepack(rows)
-    return dense
-
-
 def _decode_layer(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, K: torch.Tensor, V: torch.Tensor, col: int, mask: torch.Tensor, attn_fn: Any, rope: Any, dense: DenseLayer | None = None) -> torch.Tensor:
     """One decoder layer for one new token per row: x (B, D); K, V (B, H_kv, L, d) buffers whose
     column `col` receives this token's key and value. Attention runs over the whole buffers, and
@@ -701,7 +692,10 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     decoder, layers, attn_fn, rope = _parts(model)
     kind = lm.config._attn_implementation
     amp = torch.is_autocast_enabled(dev.type)
-    dense = _prepacked(_dense_for(layers, dev), B) if merge_weights else None
+    dense = _dense_for(layers, dev) if merge_weights else None
+    for dl in dense or []:
+        for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
+            proj.prepack(B)
     dense_or_none = dense if dense is not None else [None] * len(layers)
     kv_dtype = torch.get_autocast_dtype(dev.type) if amp else None
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
