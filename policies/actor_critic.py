@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from policies.models import LoadedModel, apply_lora, completion_logits, final_hidden_states, load_model, store_frozen_linears_in
-from policies.packed import stack_frozen_projections
+from policies.packed import prepack_frozen_projections, stack_frozen_projections
 from policies.text import Encoded
 from rlhf.config import ModelConfig
 from rlhf.core import token_logprobs_and_entropy
@@ -138,10 +138,12 @@ class ActorCritic(nn.Module):
             raise ValueError("the critic adapter can start from the reward adapter only with the same r and alpha")
         return copied
 
-    def store_frozen_in(self, dtype: torch.dtype | None) -> None:
+    def store_frozen_in(self, dtype: torch.dtype | None, prepack: bool = False) -> None:
         """shared_lora, unquantized: keep the frozen base's matmul weights in the autocast dtype
         every forward runs under (same numbers, half the memory, no per-call cast), and stack
-        each layer's q/k/v and gate/up weights in memory (`stack_frozen_projections`)."""
+        each layer's q/k/v and gate/up weights in memory (`stack_frozen_projections`). With
+        `prepack` (CPU), also keep them prepacked for the forward passes
+        (`prepack_frozen_projections`)."""
         if self.layout != "shared_lora" or self.quantization != "none":
             return
         if dtype is not None:
@@ -154,6 +156,8 @@ class ActorCritic(nn.Module):
                     p.data = p.data.clone()
         # q/k/v and gate/up weights side by side in memory: one matmul per group (policies.packed)
         stack_frozen_projections(self.policy)
+        if prepack:
+            prepack_frozen_projections(self.policy)
 
     @property
     def device(self) -> torch.device:

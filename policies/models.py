@@ -208,11 +208,12 @@ def unwrap_causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool = False) -> torch.Tensor:
+def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool | str = False) -> torch.Tensor:
     """Last-layer hidden states (B, T, D) of a causal LM (peft-wrapped or not), without running
     its LM head; positions restart at each row's first real token (left padding). Llama-family
     models run padding-free (policies.packed): padding positions then hold zeros, and with
-    `merge_weights` a pass without gradients runs on merged dense weights."""
+    `merge_weights` a pass without gradients runs on merged dense weights ("keep": kept on the
+    model for later passes while the weights stay unchanged, see packed_hidden_states)."""
     from policies.packed import can_pack, packed_hidden_states
     from rlhf.core import position_ids
 

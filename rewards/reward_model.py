@@ -119,7 +119,7 @@ class RewardModel(nn.Module):
         return self.head.bias.device
 
     # --- forward pieces ----------------------------------------------------------------------
-    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool = False) -> torch.Tensor:
+    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False) -> torch.Tensor:
         """Final hidden states (B, T, D) of the encoded rows (of `model`, default the backbone);
         `merge_weights`: see policies.models.final_hidden_states."""
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
@@ -158,7 +158,7 @@ class RewardModel(nn.Module):
         if not self.is_peft and self._frozen_reference is None:
             self._frozen_reference = copy.deepcopy(self.causal_lm).eval().requires_grad_(False)
 
-    def forward(self, enc: Encoded, merge_weights: bool = False) -> torch.Tensor:
+    def forward(self, enc: Encoded, merge_weights: bool | str = False) -> torch.Tensor:
         return self.rewards_from_hidden(self.hidden_states(enc, merge_weights=merge_weights), enc)
 
     # --- text → tensors ------------------------------------------------------------------------
@@ -279,7 +279,7 @@ class AdapterRewardModel(RewardModel):
         self.adapter_name = adapter_name
         self._use_adapter = use_adapter
 
-    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool = False) -> torch.Tensor:
+    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False) -> torch.Tensor:
         with self._use_adapter(self.adapter_name):
             return super().hidden_states(enc, model, merge_weights)
 
@@ -320,9 +320,10 @@ class RewardModelProvider(RewardProvider):
             idx = order[start : start + self.batch_size]
             enc = self.model.encode([prompts[i] for i in idx], [completions[i] for i in idx])
             with autocast(self.model.device, self.amp):
-                # a frozen model: its adapter merged into dense weights for the pass (rounding-level
-                # differences from the training-time forward, fewer operators)
-                rewards[idx] = self.model(enc, merge_weights=True).float().cpu()
+                # a frozen model: its adapter merged into dense weights (rounding-level differences
+                # from the training-time forward, fewer operators), kept prepacked between batches
+                # and calls where a LoRA model's merged weights are a copy anyway
+                rewards[idx] = self.model(enc, merge_weights="keep" if self.model.is_peft else True).float().cpu()
         return RewardResult(rewards, torch.ones(n, dtype=torch.bool))
 
 

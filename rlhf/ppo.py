@@ -92,6 +92,7 @@ class PPOConfig:
     sequential_backward: bool = doc(True, "one process: backpropagate the policy, then the critic in `critic_chunks` row chunks, so their activation graphs never coexist in full (same gradients, less peak memory)")
     critic_chunks: int | None = doc(None, "with sequential_backward: row chunks the critic's forward and backward run in (null: 1 for shared_lora, whose graphs are small, 4 for separate full models)")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
+    prepack_frozen: bool = doc(True, "shared_lora on CPU: keep a copy of the frozen base's matmul weights in oneDNN's blocked layout for the forward passes (12% faster matmuls, one more copy of the base: 212 MB for SmolLM2-135M in bf16)")
     seed: int = doc(0, "random seed")
     output_dir: str = doc("runs/ppo", "run directory")
     tracker: TrackerName = doc("none", "metrics.jsonl always; plus 'tensorboard' or 'wandb'")
@@ -231,7 +232,7 @@ def run(cfg: PPOConfig) -> dict:
     shared_rm = getattr(getattr(provider, "model", None), "adapter_name", None) is not None
     if cfg.value_head_init and cfg.critic_from_reward_adapter and shared_rm and Path(cfg.value_head_init) == Path(cfg.reward.path):
         ac.init_critic_adapter_from_reward()
-    ac.store_frozen_in(amp)  # after any reward adapter is attached, so it loads in full precision
+    ac.store_frozen_in(amp, prepack=cfg.prepack_frozen)  # after any reward adapter is attached, so it loads in full precision
     prompts = _load_prompt_texts(cfg.prompts, tok)
     eval_prompts = _load_prompt_records(cfg.eval_prompts) if cfg.eval_prompts else []
 

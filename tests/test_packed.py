@@ -347,8 +347,93 @@ def test_prepacked_projections_give_f_linears_numbers_and_sampling_uses_them(mon
     with torch.no_grad():
         packed_generate(fp32_model, ids, mask, max_new_tokens=4, temperature=1.0, eos_token_id=96, pad_token_id=0)
     assert packed == [True] * (4 * 2 + 1)
-    monkeypatch.setattr(policies.packed, "_can_prepack", lambda w: False)
+    monkeypatch.setattr(policies.packed, "_can_prepack", lambda *a: False)
     assert torch.equal(with_prepack, sample())
+
+
+def test_kept_prepacked_base_gives_the_same_forward_and_gradients_and_drops_a_stale_copy(monkeypatch):
+    """`prepack_frozen_projections` keeps the frozen base prepacked beside the weights. Under bf16
+    autocast a factored pass then runs its base matmuls from the copies (every group of every
+    layer, counted), with the same hidden states and the same adapter gradients, bit for bit,
+    as from the plain weights; a weight changed in place after packing (its version moves on)
+    is read as it stands again."""
+    import policies.packed
+    from policies.models import store_frozen_linears_in
+    from policies.packed import _parts, prepack_frozen_projections, stack_frozen_projections
+
+    model = _with_lora(_tiny("llama", hidden_size=64))
+    store_frozen_linears_in(model, torch.bfloat16)  # as ActorCritic.store_frozen_in does
+    stack_frozen_projections(model)
+    ids, mask = _batch()
+    real = mask.bool()
+    w = torch.randn(*ids.shape, 64, generator=torch.Generator().manual_seed(2))
+    layers = _parts(model)[1]
+    packed_calls = []
+    real_apply = policies.packed._PrepackedLinear.apply
+
+    def counting(*args):
+        packed_calls.append(args[0].shape)
+        return real_apply(*args)
+
+    monkeypatch.setattr(policies.packed._PrepackedLinear, "apply", counting)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            out = packed_hidden_states(model, ids, mask)
+        (out.float()[real] * w[real]).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_out, plain_grads = run()
+    assert packed_calls == []
+    assert prepack_frozen_projections(model) == 4 * len(layers)
+    kept_out, kept_grads = run()
+    # with gradients: q/k/v, o and gate/up of each layer but the first layer's q/k/v (its input,
+    # the embeddings' norm, needs none); `_GatedDown` reads the down projection's copy itself
+    assert len(packed_calls) == 3 * len(layers) - 1
+    assert torch.equal(kept_out, plain_out)
+    assert kept_grads.keys() == plain_grads.keys()
+    for n in plain_grads:
+        assert torch.equal(kept_grads[n], plain_grads[n]), n
+    with torch.no_grad():
+        layers[1].self_attn.q_proj.get_base_layer().weight.mul_(2)  # layer 1's q/k/v copy is stale
+    calls = len(packed_calls)
+    changed = run()[0]
+    assert len(packed_calls) - calls == 3 * len(layers) - 2  # all but that one
+    for layer in layers:
+        layer._rlhf_prepacked = {}
+    assert torch.equal(changed, run()[0]) and not torch.equal(changed, plain_out)
+
+
+def test_a_kept_merged_copy_scores_as_a_fresh_merge_and_follows_the_adapters():
+    """Reward scoring merges a frozen LoRA model's weights once and keeps them prepacked
+    (`merge_weights="keep"`): the same hidden states as a merge made for the pass (bf16), the
+    same kept copy on the next call, and a new one when an adapter changes or another is active."""
+    from policies.models import final_hidden_states
+
+    model = _with_lora(_tiny("llama", hidden_size=64))
+    ids, mask = _batch()
+    owner = unwrap_causal_lm(model)
+
+    def hidden(merge):
+        with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
+            return final_hidden_states(model, ids, mask, merge)
+
+    fresh = hidden(True)
+    assert "_rlhf_kept_dense" not in owner.__dict__
+    assert torch.equal(hidden("keep"), fresh)
+    first = owner._rlhf_kept_dense[1]
+    assert all(p.prepacked is not None and p.weight is None for dl in first for p in (dl.qkv, dl.o, dl.gate_up, dl.down))
+    assert torch.equal(hidden("keep"), fresh) and owner._rlhf_kept_dense[1] is first
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).mul_(3)
+    changed = hidden(True)
+    assert not torch.equal(changed, fresh)
+    assert torch.equal(hidden("keep"), changed) and owner._rlhf_kept_dense[1] is not first
+    with model.disable_adapter():
+        assert torch.equal(hidden("keep"), hidden(True))
+    with torch.no_grad():
+        assert torch.equal(hidden("keep"), changed)
 
 
 def test_stacking_keeps_the_weights_and_lays_each_group_out_in_one_storage():
