@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from policies.models import LoadedModel, apply_lora, completion_logits, final_hidden_states, load_model, store_frozen_linears_in
+from policies.models import LoadedModel, apply_lora, completion_logits, completion_positions, final_hidden_states, load_model, store_frozen_linears_in
 from policies.packed import prepack_frozen_projections, stack_frozen_projections
 from policies.text import Encoded
 from rlhf.config import ModelConfig
@@ -211,8 +211,8 @@ class ActorCritic(nn.Module):
     def _values(self, enc: Encoded) -> torch.Tensor:
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
         backbone = self.critic_backbone if self.layout == "separate" else self.policy
-        hidden = final_hidden_states(backbone, ids, attn)
         P = enc.prompt_width
+        hidden = final_hidden_states(backbone, ids, attn, read=completion_positions(ids.shape, P, ids.device))
         return self.value_head(hidden[:, P - 1 : -1]).float()  # (B, C): state before each token
 
     def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> tuple[torch.Tensor, torch.Tensor]:

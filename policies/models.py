@@ -208,17 +208,19 @@ def unwrap_causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool | str = False) -> torch.Tensor:
+def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool | str = False, read: torch.Tensor | None = None) -> torch.Tensor:
     """Last-layer hidden states (B, T, D) of a causal LM (peft-wrapped or not), without running
     its LM head; positions restart at each row's first real token (left padding). Llama-family
     models run padding-free (policies.packed): padding positions then hold zeros, and with
     `merge_weights` a pass without gradients runs on merged dense weights ("keep": kept on the
-    model for later passes while the weights stay unchanged, see packed_hidden_states)."""
+    model for later passes while the weights stay unchanged, see packed_hidden_states). With
+    `read` (B, T) bool, only those positions are guaranteed: the packed path computes the last
+    layer's output projection and MLP for them alone (zeros elsewhere)."""
     from policies.packed import can_pack, packed_hidden_states
     from rlhf.core import position_ids
 
     if can_pack(model, input_ids.shape[1]):
-        return packed_hidden_states(model, input_ids, attention_mask, merge_weights)
+        return packed_hidden_states(model, input_ids, attention_mask, merge_weights, read)
     decoder = unwrap_causal_lm(model).base_model
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
     return out.last_hidden_state
@@ -233,10 +235,18 @@ def completion_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch
 
     C = input_ids.shape[1] - prompt_width
     if can_pack(model, input_ids.shape[1]):
-        hidden = final_hidden_states(model, input_ids, attention_mask)
+        hidden = final_hidden_states(model, input_ids, attention_mask, read=completion_positions(input_ids.shape, prompt_width, input_ids.device))
         return unwrap_causal_lm(model).get_output_embeddings()(hidden[:, prompt_width - 1 : -1])
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), logits_to_keep=C + 1, use_cache=False)
     return out.logits[:, :-1]
+
+
+def completion_positions(shape: tuple[int, int], prompt_width: int, device: Any = None) -> torch.Tensor:
+    """(B, T) bool: the positions P-1 … T-2 whose hidden states predict (or value the states
+    before) the completion tokens of (B, P + C) rows."""
+    read = torch.zeros(shape, dtype=torch.bool, device=device)
+    read[:, prompt_width - 1 : -1] = True
+    return read
 
 
 def _linear_leaf_names(model: Any) -> list[str]:

@@ -119,11 +119,11 @@ class RewardModel(nn.Module):
         return self.head.bias.device
 
     # --- forward pieces ----------------------------------------------------------------------
-    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False) -> torch.Tensor:
+    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False, read: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D) of the encoded rows (of `model`, default the backbone);
-        `merge_weights`: see policies.models.final_hidden_states."""
+        `merge_weights` and `read`: see policies.models.final_hidden_states."""
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        return final_hidden_states(self.lm if model is None else model, ids, attn, merge_weights)
+        return final_hidden_states(self.lm if model is None else model, ids, attn, merge_weights, read)
 
     def rewards_from_hidden(self, hidden: torch.Tensor, enc: Encoded) -> torch.Tensor:
         """r(x, y) (B,) float32 from the hidden state of each row's last real token."""
@@ -159,7 +159,11 @@ class RewardModel(nn.Module):
             self._frozen_reference = copy.deepcopy(self.causal_lm).eval().requires_grad_(False)
 
     def forward(self, enc: Encoded, merge_weights: bool | str = False) -> torch.Tensor:
-        return self.rewards_from_hidden(self.hidden_states(enc, merge_weights=merge_weights), enc)
+        # the head reads each row's last real token: the last layer's MLP runs for those alone
+        attn = enc.attention_mask.to(self.device)
+        read = torch.zeros(attn.shape, dtype=torch.bool, device=self.device)
+        read[torch.arange(attn.shape[0], device=self.device), last_token_index(attn)] = True
+        return self.rewards_from_hidden(self.hidden_states(enc, merge_weights=merge_weights, read=read), enc)
 
     # --- text → tensors ------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> Encoded:
@@ -279,9 +283,9 @@ class AdapterRewardModel(RewardModel):
         self.adapter_name = adapter_name
         self._use_adapter = use_adapter
 
-    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False) -> torch.Tensor:
+    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False, read: torch.Tensor | None = None) -> torch.Tensor:
         with self._use_adapter(self.adapter_name):
-            return super().hidden_states(enc, model, merge_weights)
+            return super().hidden_states(enc, model, merge_weights, read)
 
 
 # --------------------------------------------------------------------------------------------

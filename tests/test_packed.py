@@ -114,6 +114,55 @@ def test_packed_gradients_match_the_padded_forward(checkpointing, kind, stacked)
 
 
 @pytest.mark.parametrize("stacked", [False, True])
+def test_reading_some_positions_gives_their_states_and_gradients_and_zeros_elsewhere(monkeypatch, stacked):
+    """`read`: the last layer's output projection and MLP run on the read positions only (its
+    row counts, observed), their hidden states are those of the full pass, the others are
+    zeros, and a loss on the read positions has the full pass's gradients."""
+    import policies.packed
+
+    model = _with_lora(_tiny("llama"), stacked)
+    ids, mask = _batch()
+    read = torch.zeros_like(mask, dtype=torch.bool)
+    read[:, 6:-1] = True  # completion-like columns, padding included
+    read[0, 3] = True  # and a padding position (row 0 starts at 5)
+    w = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(policies.packed, "PACK_MULTIPLE", 1)  # the real tokens only: row counts as stated
+    rows_seen = []
+    real_output = policies.packed._output_and_mlp
+
+    def output(layer, x, attended, dense=None):
+        rows_seen.append(x.shape[0])
+        return real_output(layer, x, attended, dense)
+
+    monkeypatch.setattr(policies.packed, "_output_and_mlp", output)
+
+    def run(r):
+        model.zero_grad(set_to_none=True)
+        out = packed_hidden_states(model, ids, mask, read=r)
+        (out[read] * w[read]).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full, g_full = run(None)
+    part, g_part = run(read)
+    n_real = int(mask.sum())
+    assert rows_seen == [n_real] * 2 + [n_real, int((read & mask.bool()).sum())]
+    assert torch.equal(part[read], full[read])
+    assert not part[~read].any() and full[~read & mask.bool()].abs().sum() > 0
+    assert g_part.keys() == g_full.keys()
+    for n in g_full:
+        torch.testing.assert_close(g_part[n], g_full[n], atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():
+        rows_seen.clear()
+        one = torch.zeros_like(read)
+        one[torch.arange(4), torch.tensor([11, 8, 10, 11])] = True  # each row's last real token
+        assert torch.equal(packed_hidden_states(model, ids, mask, read=one)[one], full[one])
+        assert rows_seen[-1] == 4
+        monkeypatch.setattr(policies.packed, "PACK_MULTIPLE", 64)  # padding positions among the rows
+        assert torch.equal(packed_hidden_states(model, ids, mask, read=read), part)
+        assert rows_seen[-1] == int(read.sum())
+
+
+@pytest.mark.parametrize("stacked", [False, True])
 def test_packed_gradients_under_bf16_autocast_match_the_padded_forward(stacked):
     """Under autocast the attention scores stay bf16 (the mask is built in bf16), and autograd
     keeps only the bf16 probabilities for the softmax backward, no fp32 (B, H, T, T) tensor: the
