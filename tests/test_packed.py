@@ -209,19 +209,22 @@ def test_joint_rotation_of_queries_and_keys_equals_the_models_rotary_embedding(d
     """`_rotate` turns queries and keys side by side (the factored and merged layers' q/k/v
     output), cast up once: the same bits as transformers' apply_rotary_pos_emb on each, which
     multiplies a bf16 projection output by fp32 cos and sin."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from policies.packed import _rotate
+    from policies.packed import _rotary, _rotate
 
     g = torch.Generator().manual_seed(0)
     n, H, Hk, d = 11, 6, 2, 16
     qk = torch.randn(n, H + Hk, d, generator=g).to(dtype)
     angles = torch.rand(n, d // 2, generator=g) * 40
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    q, k = apply_rotary_pos_emb(qk[:, :H], qk[:, H:], cos, sin, unsqueeze_dim=1)
-    joint = _rotate(qk, cos, sin, rotate_half)
-    assert joint.dtype == q.dtype == torch.float32
-    assert torch.equal(joint[:, :H], q) and torch.equal(joint[:, H:], k)
+    rope_angles = (torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
+    # and any cos and sin, halves unequal: the roll with a signed sin is rotate_half's own arithmetic
+    any_angles = (torch.randn(n, d, generator=g), torch.randn(n, d, generator=g))
+    for cos, sin in (rope_angles, any_angles):
+        q, k = apply_rotary_pos_emb(qk[:, :H], qk[:, H:], cos, sin, unsqueeze_dim=1)
+        joint = _rotate(qk, _rotary(cos, sin))
+        assert joint.dtype == q.dtype == torch.float32
+        assert torch.equal(joint[:, :H], q) and torch.equal(joint[:, H:], k)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -603,7 +606,7 @@ def test_scatter_into_padding_keeps_only_the_index():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_merged_dense_layers_compute_what_the_adapted_modules_compute(kind):
-    from policies.packed import _output_and_mlp, _parts, _rotated_qkv, dense_layers
+    from policies.packed import _output_and_mlp, _parts, _rotary, _rotated_qkv, dense_layers
 
     model = _with_lora(_tiny(kind))
     decoder, layers, _, rope = _parts(model)
@@ -616,7 +619,8 @@ def test_merged_dense_layers_compute_what_the_adapted_modules_compute(kind):
         assert dense is not None and dense[0].qkv.weight.shape == (32 + 16 + 16, 32) and dense[0].gate_up.weight.shape == (128, 32)
         assert (dense[0].qkv.bias is not None) == (kind == "qwen2") and dense[0].qkv.a is None
         for layer, dl in zip(layers, dense):
-            for ours, ref in zip(_rotated_qkv(layer, x, cos[0], sin[0], rope, dl), _rotated_qkv(layer, x, cos[0], sin[0], rope)):
+            rot = _rotary(cos[0], sin[0])
+            for ours, ref in zip(_rotated_qkv(layer, x, rot, rope, dl), _rotated_qkv(layer, x, rot, rope)):
                 torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(_output_and_mlp(layer, x, attended, dl), _output_and_mlp(layer, x, attended), atol=1e-5, rtol=1e-5)
         # the adapters matter here (B ≠ 0), so the merged weight is not the base weight ...
