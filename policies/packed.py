@@ -480,17 +480,25 @@ def factored_layers(layers: Any) -> list[DenseLayer] | None:
     adapters' own parameters on each call (a few small ops), so gradients reach them."""
     out = []
     for layer in layers:
-        found = [[_dense_parts(p) for p in g] for g in _groups(layer)]
-        if any(f is None or f[0].requires_grad for g in found for f in g):
-            return None
-        weights = [_stacked_view([w for w, _, _ in g]) for g in found]
-        if any(w is None for w in weights):
+        groups = _frozen_groups(layer)
+        if groups is None:
             return None
         kept = getattr(layer, "_rlhf_prepacked", None) or {}
         qkv, o, gate_up, down = (Projection(w, bias, *_stacked_factors(g), *_kept_pack(kept.get(i), w, bias))
-                                 for i, (w, g) in enumerate(zip(weights, found)) for bias in [_stacked_bias(g)])
-        out.append(DenseLayer(qkv, tuple(w.shape[0] for w, _, _ in found[0]), o, gate_up, down))
+                                 for i, (w, g) in enumerate(groups) for bias in [_stacked_bias(g)])
+        out.append(DenseLayer(qkv, tuple(w.shape[0] for w, _, _ in groups[0][1]), o, gate_up, down))
     return out
+
+
+def _frozen_groups(layer: Any) -> list[tuple[torch.Tensor, list]] | None:
+    """The layer's projection groups (`_groups`) as (frozen base weight of the group, one stacked
+    (Σ out, in) view; each projection's `_dense_parts`), or None where a projection has no dense
+    form, a base weight trains, or a group's weights are not stacked in memory."""
+    found = [[_dense_parts(p) for p in g] for g in _groups(layer)]
+    if any(f is None or f[0].requires_grad for g in found for f in g):
+        return None
+    weights = [_stacked_view([w for w, _, _ in g]) for g in found]
+    return None if any(w is None for w in weights) else list(zip(weights, found))
 
 
 def _weight_key(w: torch.Tensor) -> tuple:
@@ -525,13 +533,9 @@ def prepack_frozen_projections(model: Any) -> int:
         return 0
     count = 0
     for layer in _parts(model)[1]:
-        found = [[_dense_parts(p) for p in g] for g in _groups(layer)]
-        if any(f is None or f[0].requires_grad for g in found for f in g):
-            continue
         kept = {}
-        for i, g in enumerate(found):
-            w = _stacked_view([w for w, _, _ in g])
-            if w is not None and _can_prepack(w, _stacked_bias(g)):
+        for i, (w, g) in enumerate(_frozen_groups(layer) or []):
+            if _can_prepack(w, _stacked_bias(g)):
                 kept[i] = (_weight_key(w), _packed(w, PASS_ROWS))
                 count += 1
         layer._rlhf_prepacked = kept
