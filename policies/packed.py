@@ -398,6 +398,11 @@ class DenseLayer:
     gate_up: Projection
     down: Projection
 
+    def prepack(self, rows: int) -> None:
+        """`Projection.prepack` each of the layer's four projections."""
+        for proj in (self.qkv, self.o, self.gate_up, self.down):
+            proj.prepack(rows)
+
 
 def _dense_parts(proj: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
     """What `proj` applies as it stands, as a base weight (out, in), a bias, and the LoRA terms
@@ -763,8 +768,7 @@ def _kept_dense(model: Any, layers: Any, device: torch.device) -> list[DenseLaye
     owner._rlhf_kept_dense = None  # free the old copy before making the new one
     dense = dense_layers(layers, dtype)
     for dl in dense or []:
-        for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
-            proj.prepack(PASS_ROWS)
+        dl.prepack(PASS_ROWS)
     owner._rlhf_kept_dense = (key, dense)
     return dense
 
@@ -848,8 +852,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     amp = torch.is_autocast_enabled(dev.type)
     dense = _dense_for(layers, dev) if merge_weights else None
     for dl in dense or []:
-        for proj in (dl.qkv, dl.o, dl.gate_up, dl.down):
-            proj.prepack(B)
+        dl.prepack(B)
     dense_or_none = dense if dense is not None else [None] * len(layers)
     kv_dtype = torch.get_autocast_dtype(dev.type) if amp else None
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
