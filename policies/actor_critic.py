@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from policies.models import LoadedModel, apply_lora, completion_logits, completion_positions, final_hidden_states, load_model, store_frozen_linears_in
-from policies.packed import prepack_frozen_projections, stack_frozen_projections
+from policies.models import LoadedModel, apply_lora, completion_logits, completion_positions, final_hidden_states, load_model, store_frozen_linears_in, unwrap_causal_lm
+from policies.packed import can_run_jointly, packed_hidden_states, prepack_frozen_projections, stack_frozen_projections
 from policies.text import Encoded
 from rlhf.config import ModelConfig
 from rlhf.core import token_logprobs_and_entropy
@@ -165,9 +165,13 @@ class ActorCritic(nn.Module):
 
     # --- adapters -----------------------------------------------------------------------------
     def _set_adapter(self, name: str) -> None:
-        # peft's set_adapter also flips requires_grad so only the active adapter looks
-        # trainable; the optimizer holds both adapters' tensors regardless, so restore both.
         self.policy.set_adapter(name)
+        self._keep_both_trainable()
+
+    def _keep_both_trainable(self) -> None:
+        # peft's set_adapter (and re-enabling adapters after disable_adapter) flips requires_grad
+        # so only the active adapter looks trainable; the optimizer holds both adapters' tensors
+        # regardless, and the joint pass trains both at once, so restore both.
         for n, p in self.policy.named_parameters():
             if f".{POLICY}." in n or f".{CRITIC}." in n:
                 p.requires_grad_(True)
@@ -194,8 +198,11 @@ class ActorCritic(nn.Module):
             with self.adapter(REFERENCE):
                 yield self.policy
         else:
-            with self.policy.disable_adapter():
-                yield self.policy
+            try:
+                with self.policy.disable_adapter():
+                    yield self.policy
+            finally:
+                self._keep_both_trainable()
 
     # --- forward pieces -----------------------------------------------------------------------
     def _logits(self, model: Any, enc: Encoded) -> torch.Tensor:
@@ -203,8 +210,10 @@ class ActorCritic(nn.Module):
         return completion_logits(model, enc.input_ids.to(self.device), enc.attention_mask.to(self.device), enc.prompt_width)
 
     def _logprobs(self, model: Any, enc: Encoded, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self._logits(model, enc)
-        targets = enc.input_ids[:, enc.prompt_width :].to(self.device)
+        return self._logprobs_of(self._logits(model, enc), enc.input_ids, enc.prompt_width, with_entropy)
+
+    def _logprobs_of(self, logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        targets = input_ids[:, prompt_width:].to(self.device)
         # the entropy is a metric only (no entropy bonus): no graph, no backward through it
         return token_logprobs_and_entropy(logits, targets, self.temperature, with_entropy)
 
@@ -228,10 +237,28 @@ class ActorCritic(nn.Module):
         with self.adapter(CRITIC):
             return self._values(enc)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
-        """Policy log-probs and entropy (policy adapter) and values (critic), with gradients."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, joint: bool = False) -> ActorCriticOutput:
+        """Policy log-probs and entropy (policy adapter) and values (critic), with gradients. With
+        `joint` (where `can_run_jointly`), as one pass over the shared base for both."""
+        if joint:
+            return self._joint_forward(input_ids.to(self.device), attention_mask.to(self.device), prompt_width)
         logp, ent = self.policy_forward(input_ids, attention_mask, prompt_width)
         return ActorCriticOutput(logp, ent, self.critic_forward(input_ids, attention_mask, prompt_width))
+
+    def can_run_jointly(self, seq_len: int) -> bool:
+        """Whether the policy and the critic can run as one batched pass over their shared base
+        (`policies.packed.packed_hidden_states` with two adapter sets): shared_lora on a packable,
+        unquantized base whose adapters have the same shapes."""
+        return self.layout == "shared_lora" and can_run_jointly(self.policy, [[POLICY], [CRITIC]], seq_len)
+
+    def _joint_forward(self, ids: torch.Tensor, attn: torch.Tensor, P: int) -> ActorCriticOutput:
+        """`forward` as one pass of 2B rows: the batch under the policy adapter and under the
+        critic adapter, the same log-probs, entropy and values up to rounding."""
+        read = completion_positions(ids.shape, P, ids.device)
+        for_policy, for_critic = packed_hidden_states(self.policy, ids, attn, read=read, adapter_sets=[[POLICY], [CRITIC]])
+        logits = unwrap_causal_lm(self.policy).get_output_embeddings()(for_policy[:, P - 1 : -1])
+        logp, ent = self._logprobs_of(logits, ids, P, with_entropy=True)
+        return ActorCriticOutput(logp, ent, self.value_head(for_critic[:, P - 1 : -1]).float())  # type: ignore[arg-type]
 
     @torch.no_grad()
     def reference_logprobs(self, enc: Encoded) -> torch.Tensor:

@@ -91,6 +91,7 @@ class PPOConfig:
     vf_coef: float = doc(0.1, "value-loss weight")
     sequential_backward: bool = doc(True, "one process: backpropagate the policy, then the critic in `critic_chunks` row chunks, so their activation graphs never coexist in full (same gradients, less peak memory)")
     critic_chunks: int | None = doc(None, "with sequential_backward: row chunks the critic's forward and backward run in (null: 1 for shared_lora, whose graphs are small, 4 for separate full models)")
+    joint_forward: bool = doc(True, "shared_lora, unquantized: run the policy and the critic as one batched pass over the shared base (each half of the rows with its adapter) wherever their graphs coexist anyway: under DDP, without sequential_backward, and on the fused first step with critic_chunks 1 (same gradients up to rounding, about 5% faster)")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
     prepack_frozen: bool = doc(True, "shared_lora on CPU: keep a copy of the frozen base's matmul weights in oneDNN's blocked layout for the forward passes (12% faster matmuls, one more copy of the base: 212 MB for SmolLM2-135M in bf16)")
     seed: int = doc(0, "random seed")
@@ -362,6 +363,7 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
     # Under DDP a step must be one forward and one backward of the wrapped module; one process
     # can run the policy and the critic one after the other (see _micro_step_sequential).
     sequential = cfg.sequential_backward and accelerator.num_processes == 1
+    joint = cfg.joint_forward and unwrapped.can_run_jointly(ro.enc.input_ids.shape[1])
     if fused and not fuse_old_forward(cfg):
         raise ValueError("a rollout without old log-probs needs num_minibatches == grad_accum_steps == 1")
     for epoch in range(cfg.ppo_epochs):
@@ -372,11 +374,13 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
                 idx = mb_idx[mi : mi + micro]
                 # Under DDP, synchronise gradients only on the minibatch's last micro-batch.
                 last = mi + micro >= mb_size
-                if sequential:
+                # Sequential steps keep the two graphs apart, except on a fused first step with
+                # the critic in one chunk: there the joint pass keeps no more, and is faster.
+                if sequential and not (joint and ro.logprobs is None and critic_chunks(cfg) == 1):
                     out_stats = _micro_step_sequential(unwrapped, ro, idx, cfg, amp, accelerator)
                 else:
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        out_stats = _micro_step(model, unwrapped, ro, idx, cfg, amp, accelerator)
+                        out_stats = _micro_step(model, unwrapped, ro, idx, cfg, amp, accelerator, joint)
                 for k, v in out_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
@@ -387,13 +391,13 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
     return {k: v / n for k, v in sums.items()}
 
 
-def _micro_step(model: Any, unwrapped: ActorCritic, ro: Rollout, idx: list[int], cfg: PPOConfig, amp: torch.dtype | None, accelerator: Any) -> dict[str, float]:
+def _micro_step(model: Any, unwrapped: ActorCritic, ro: Rollout, idx: list[int], cfg: PPOConfig, amp: torch.dtype | None, accelerator: Any, joint: bool = False) -> dict[str, float]:
     dev = unwrapped.device
     enc = ro.enc
     ids, attn = enc.input_ids[idx].to(dev), enc.attention_mask[idx].to(dev)
     m = ro.mask[idx].to(dev).float()
     with autocast(dev, amp):
-        out = model(ids, attn, enc.prompt_width)
+        out = model(ids, attn, enc.prompt_width, joint=joint)
     logp, values = out.logprobs.float(), out.values.float()
     if ro.logprobs is None:  # the fused first step: θ = θ_old and idx is the whole batch
         ro.set_old(logp[torch.argsort(torch.tensor(idx))], values[torch.argsort(torch.tensor(idx))], cfg)

@@ -604,6 +604,29 @@ def test_scatter_into_padding_keeps_only_the_index():
     assert torch.equal(grad, torch.autograd.grad(expected, t, g)[0])
 
 
+def test_gathering_distinct_rows_gives_indexings_values_and_gradient(monkeypatch):
+    """`_Gather` is t[index] forward and backward for distinct indices, and the packed forward
+    uses it (counted) once per layer, plus once for the last layer's read rows."""
+    import policies.packed as pk
+
+    t = torch.randn(8, 3, 2, requires_grad=True)
+    index = torch.tensor([6, 0, 2, 3, 7])
+    out = pk._Gather.apply(t, index)
+    assert torch.equal(out, t[index])
+    g = torch.randn(5, 3, 2)
+    assert torch.equal(torch.autograd.grad(out, t, g)[0], torch.autograd.grad(t[index], t, g)[0])
+    calls = []
+    real = pk._Gather.apply
+    monkeypatch.setattr(pk._Gather, "apply", lambda *a: calls.append(1) or real(*a))
+    model = _with_lora(_tiny("llama"))
+    ids, mask = _batch()
+    packed_hidden_states(model, ids, mask, read=mask.bool()).sum().backward()
+    assert len(calls) == len(pk._parts(model)[1]) + 1
+    with torch.no_grad():
+        packed_hidden_states(model, ids, mask)
+    assert len(calls) == len(pk._parts(model)[1]) + 1  # without gradients: index_select alone
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_merged_dense_layers_compute_what_the_adapted_modules_compute(kind):
     from policies.packed import _output_and_mlp, _parts, _rotary, _rotated_qkv, dense_layers

@@ -102,7 +102,7 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     trained = dict(captured["model"].trainable_named_parameters())
     assert init.keys() == trained.keys()
     unchanged = [n for n in init if torch.equal(init[n], trained[n].detach())]
-    assert not unchanged, unchanged[:5]
+    assert not unchanged, (len(unchanged), len(init), unchanged[:5])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward/raw_mean", "kl/k1", "kl/k3", "policy/entropy", "policy/clip_fraction", "loss/value",
@@ -303,3 +303,69 @@ def test_critic_chunks_default_follows_the_layout():
     assert chunks("layout=separate", "model.lora.enabled=false", "critic_chunks=2") == 2
     with pytest.raises(ValueError, match="critic_chunks"):
         chunks("critic_chunks=0")
+
+
+@pytest.mark.parametrize("amp, checkpointing, last_layers", [(None, False, None), (torch.bfloat16, False, None), (None, True, None), (None, False, 1)])
+def test_joint_pass_of_policy_and_critic_equals_the_two_passes(tiny_llama_dir, amp, checkpointing, last_layers, monkeypatch):
+    """The policy and the critic as one batched pass over their shared base (each half of the rows
+    with its own adapter, `adapter_sets`) give the log-probs, entropy and values of the two
+    passes, and the same gradients for both adapters and the value head, to rounding, also with
+    activation checkpointing; the grouped low-rank path and the grouped `_GatedDown` really run
+    (counted). With adapters on the top layer only, the layer below runs once, on one copy."""
+    import policies.packed as pk
+    from policies.models import enable_activation_checkpointing
+    from policies.text import encode_completions
+
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4, last_layers=last_layers)), "shared_lora")
+    ac.store_frozen_in(amp)
+    if checkpointing:
+        assert enable_activation_checkpointing(ac.policy) == 2
+    torch.manual_seed(3)
+    with torch.no_grad():  # trained-looking adapters that differ, and a value head that reads them
+        for n, p in ac.trainable_named_parameters():
+            p.normal_(0, 0.2)
+    assert ac.can_run_jointly(16)
+    enc = encode_completions(ac.tokenizer, ["Hello there", "Hi", "A longer prompt than the others"], ["General Kenobi", "How are you doing today?", "Yes"], add_eos=False)
+    m = enc.completion_mask[:, enc.prompt_width :].bool()
+    grouped, layer_rows = [], []
+    real, real_layer = pk._plus_low_rank, pk._layer_forward
+
+    def counting(y, x, a, b):
+        grouped.append(a.dim() == 3)
+        return real(y, x, a, b)
+
+    def layer_counting(layer, x, *args):
+        layer_rows.append(x.shape[0])
+        return real_layer(layer, x, *args)
+
+    monkeypatch.setattr(pk, "_plus_low_rank", counting)
+    monkeypatch.setattr(pk, "_layer_forward", layer_counting)
+
+    def run(joint):
+        ac.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width, joint=joint)
+        g = torch.Generator().manual_seed(4)
+        w1, w2 = torch.randn(m.shape, generator=g), torch.randn(m.shape, generator=g)
+        ((out.logprobs.float() * w1)[m].sum() + (out.values.float() * w2)[m].sum()).backward()
+        return out, {n: p.grad.clone() for n, p in ac.trainable_named_parameters() if p.grad is not None}
+
+    two, grads_two = run(False)
+    assert grouped and not any(grouped)
+    n = layer_rows[0]  # the packed rows of one copy
+    grouped.clear()
+    layer_rows.clear()
+    joint, grads_joint = run(True)
+    assert grouped and all(grouped)
+    adapted = 1 if last_layers else 2  # of the tiny model's 2 layers
+    # q/k/v, o, gate/up and down (inside `_GatedDown`) of each adapted layer; recomputed with checkpointing
+    assert len(grouped) == 4 * adapted * (2 if checkpointing else 1)
+    assert layer_rows[:2] == ([n, 2 * n] if last_layers else [2 * n, 2 * n])
+    tol = dict(atol=1e-5, rtol=1e-5) if amp is None else dict(atol=2e-2, rtol=2e-2)
+    for field in ("logprobs", "entropy", "values"):
+        torch.testing.assert_close(getattr(joint, field)[m].float(), getattr(two, field)[m].float(), **tol)
+    assert grads_joint.keys() == grads_two.keys()
+    assert any(".critic." in n for n in grads_two) and any(".policy." in n for n in grads_two) and "value_head.linear.weight" in grads_two
+    for n in grads_two:
+        scale = grads_two[n].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(grads_joint[n] / scale, grads_two[n] / scale, **tol, msg=n)
