@@ -91,7 +91,7 @@ class PPOConfig:
     vf_coef: float = doc(0.1, "value-loss weight")
     sequential_backward: bool = doc(True, "one process: backpropagate the policy, then the critic in `critic_chunks` row chunks, so their activation graphs never coexist in full (same gradients, less peak memory)")
     critic_chunks: int | None = doc(None, "with sequential_backward: row chunks the critic's forward and backward run in (null: 1 for shared_lora, whose graphs are small, 4 for separate full models)")
-    joint_forward: bool = doc(True, "shared_lora, unquantized: run the policy and the critic as one batched pass over the shared base (each half of the rows with its adapter) wherever their graphs coexist anyway: under DDP, without sequential_backward, and on the fused first step with critic_chunks 1 (same gradients up to rounding, about 5% faster)")
+    joint_forward: bool = doc(False, "shared_lora, unquantized: run the policy and the critic as one batched pass over the shared base (each half of the rows with its adapter) wherever their graphs coexist anyway: under DDP, without sequential_backward, and on the fused first step with critic_chunks 1. Same gradients up to rounding and about 0.2 s (5%) off the benchmark's training step, but 0.2-0.4 GB more peak RSS there (the allocator's heap fragments around the twice-as-large buffers), so off by default")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
     prepack_frozen: bool = doc(True, "shared_lora on CPU: keep a copy of the frozen base's matmul weights in oneDNN's blocked layout for the forward passes (12% faster matmuls, one more copy of the base: 212 MB for SmolLM2-135M in bf16)")
     seed: int = doc(0, "random seed")

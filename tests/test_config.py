@@ -156,3 +156,18 @@ def test_partial_nested_block_keeps_the_fields_default():
     assert cfg.model.name == "some/dir" and cfg.model.lora.enabled  # TrainRMConfig's default model has LoRA on
     assert cfg.eval_data.split == "test" and cfg.eval_data.max_items == 8  # its default eval side is the test split
     assert load_config(TrainRMConfig, None, ["eval_data=null"]).eval_data is None
+
+
+def test_importing_rlhf_caps_onednns_primitive_cache_unless_the_user_set_it():
+    """`import rlhf` bounds oneDNN's primitive cache before torch's first matmul (see
+    rlhf/__init__.py); a capacity the user chose is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, rlhf; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "64"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "512"

@@ -76,12 +76,15 @@ def test_fresh_policy_equals_the_reference_bit_for_bit(tiny_llama_dir, amp):
     assert torch.equal(out.logprobs[m], ref[m])
 
 
-@pytest.mark.parametrize("layout", ["shared_lora", "separate"])
-def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout):
-    extra = ["layout=separate", "model.lora.enabled=false"] if layout == "separate" else []
+@pytest.mark.parametrize("layout", ["shared_lora", "shared_lora+joint_forward", "separate"])
+def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout, monkeypatch):
+    extra = {"separate": ["layout=separate", "model.lora.enabled=false"], "shared_lora+joint_forward": ["joint_forward=true"]}.get(layout, [])
+    joint_calls = []
+    real_joint = ActorCritic._joint_forward
+    monkeypatch.setattr(ActorCritic, "_joint_forward", lambda self, *a: joint_calls.append(1) or real_joint(self, *a))
     cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "eval_samples_per_prompt=2", "eval_batch_size=3", *extra)
     torch.manual_seed(0)
-    before = ActorCritic.build(cfg.model, layout)
+    before = ActorCritic.build(cfg.model, cfg.layout)
     init = {n: p.detach().clone() for n, p in before.trainable_named_parameters()}
     captured = {}
     import rlhf.ppo as ppo_mod
@@ -103,6 +106,7 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert init.keys() == trained.keys()
     unchanged = [n for n in init if torch.equal(init[n], trained[n].detach())]
     assert not unchanged, (len(unchanged), len(init), unchanged[:5])
+    assert len(joint_calls) == (2 if layout == "shared_lora+joint_forward" else 0)  # one step per update
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward/raw_mean", "kl/k1", "kl/k3", "policy/entropy", "policy/clip_fraction", "loss/value",
