@@ -44,7 +44,7 @@ from rlhf.core import (
 from rlhf.data import PromptRecord, load_split
 from rlhf.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from rlhf.plots import plot_metrics
-from rlhf.runs import keep_freed_memory, prepare_run_dir
+from rlhf.runs import heap_metrics, keep_freed_memory, prepare_run_dir
 from rlhf.tracking import Tracker, TrackerName
 
 
@@ -280,7 +280,7 @@ def run(cfg: PPOConfig) -> dict:
             "time/rollout_s": t_train - t_update,  # generation, scoring, reference (and, unfused, old) log-probs
             "time/train_s": t_done - t_train,  # the PPO epochs
             "response/prompt_tokens": float(rollout.enc.attention_mask[:, : rollout.enc.prompt_width].sum(-1).float().mean()),
-        }
+        } | heap_metrics()
         metrics = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in metrics.items()}
         if tracker is not None:
             tracker.log(metrics, update + 1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import random
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,33 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2() -> Any:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+def heap_metrics() -> dict[str, float]:
+    """The process's heap as glibc's allocator sees it, in MiB: `memory/heap_in_use_mib`, the
+    bytes in live allocations (large mmapped blocks included), and `memory/heap_free_mib`, the
+    freed bytes it keeps (`keep_freed_memory`). A live heap that grows from update to update is
+    a leak or an unbounded cache; the free part is what fragmentation costs on top. Empty where
+    libc isn't glibc 2.33 or newer."""
+    fn = _mallinfo2()
+    if fn is None:
+        return {}
+    info = fn()
+    return {"memory/heap_in_use_mib": (info.uordblks + info.hblkhd) / 2**20, "memory/heap_free_mib": info.fordblks / 2**20}
 
 
 def prepare_run_dir(path: str | Path, config: dict[str, Any]) -> Path:

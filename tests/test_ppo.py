@@ -111,9 +111,10 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward/raw_mean", "kl/k1", "kl/k3", "policy/entropy", "policy/clip_fraction", "loss/value",
                 "value/explained_variance", "policy/approx_kl", "response/length", "response/no_eos_fraction",
-                "tokens_per_s", "reward/invalid_fraction", "kl_coef"):
+                "tokens_per_s", "reward/invalid_fraction", "kl_coef", "memory/heap_in_use_mib", "memory/heap_free_mib"):
         assert key in metrics[-1], key
     assert metrics[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert 10 < metrics[-1]["memory/heap_in_use_mib"] < 24 * 1024  # this process's live heap, models included
     assert metrics[-1]["kl/k3"] >= 0
     assert summary["eval_before"]["prompts"] == 2 and "reward_mean" in summary["eval_after"]
     assert summary["eval_change"]["prompts"] == 2
