@@ -452,8 +452,8 @@ class DenseLayer:
 
 def _dense_parts(proj: Any, adapters: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
     """What `proj` applies as it stands, as a base weight (out, in), a bias, and the LoRA terms
-    (B, A, scale) of its active adapters (or of the named `adapters`, whichever is active, where
-    adapters are enabled): the weight `proj` computes with is W + Σ s·B·A. None
+    (B, A, scale) of its active adapters (or, given `adapters`, of those named, active or not,
+    while adapters are enabled): the weight `proj` computes with is W + Σ s·B·A. None
     where no such matrix is at hand: a quantized or otherwise non-Linear base layer, a LoRA
     variant (DoRA, ...), a LoRA bias, LoRA dropout in training mode, transposed (fan-in-fan-out)
     weights, or adapters merged into the base while disabled."""
