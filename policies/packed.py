@@ -541,26 +541,24 @@ def factored_layers(layers: Any, adapter_sets: list[list[str]] | None = None) ->
         kept = getattr(layer, "_rlhf_prepacked", None) or {}
         projections = []
         for i, (w, sets) in enumerate(groups):
-            factors = [_stacked_factors(g) for g in sets]
-            if len(factors) > 1:
-                factors = _grouped(factors)
-                if factors is None:
-                    return None
+            factors = _stacked_factors(sets[0]) if len(sets) == 1 else _grouped([_stacked_factors(g) for g in sets])
+            if factors is None:
+                return None
             bias = _stacked_bias(sets[0])
-            projections.append(Projection(w, bias, *factors[0], *_kept_pack(kept.get(i), w, bias)))
+            projections.append(Projection(w, bias, *factors, *_kept_pack(kept.get(i), w, bias)))
         qkv, o, gate_up, down = projections
         out.append(DenseLayer(qkv, tuple(w.shape[0] for w, _, _ in groups[0][1][0]), o, gate_up, down))
     return out
 
 
-def _grouped(factors: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]] | None:
+def _grouped(factors: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
     """Several adapter sets' (A, B) for one group of projections as one (A (G, R, in), B (G, out,
     R)); (None, None) where no set has an adapter there; None where they can't stack."""
     if all(a is None for a, _ in factors):
-        return [(None, None)]
+        return None, None
     if any(a is None for a, _ in factors) or len({(a.shape, b.shape) for a, b in factors}) > 1:
         return None
-    return [(torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors]))]
+    return torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors])
 
 
 def _frozen_groups(layer: Any, adapter_sets: list[list[str]] | None = None) -> list[tuple[torch.Tensor, list[list]]] | None:
