@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     gen_flops = 2 * n_matmul * tokens
     rollout_flops = gen_flops + 2 * 2 * n_matmul * tokens
     train_flops = 2 * (4 if lora else 6) * n_matmul * tokens
+    # With the kept prompt pass (rlhf.ppo keep_prompt_pass), the policy's forward over the
+    # prompts runs in the rollout, where it replaces the sampler's prefill: not in the step.
+    kept = sum(r.get("rollout/prompt_pass_kept", 0.0) for r in measured) / len(measured)
+    train_flops -= kept * 2 * n_matmul * B * P
     t_roll = sum(r["time/rollout_s"] for r in measured) / len(measured)
     t_train = sum(r["time/train_s"] for r in measured) / len(measured)
     result = {
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "mfu_rollout": rollout_flops / t_roll / peak,
         "mfu_train_step": train_flops / t_train / peak,
+        "prompt_pass_kept": kept,
         "wall_s": wall,
     }
     print(json.dumps(result))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from policies.models import LoadedModel, apply_lora, completion_logits, completion_positions, final_hidden_states, load_model, store_frozen_linears_in, unwrap_causal_lm
-from policies.packed import can_run_jointly, packed_hidden_states, prepack_frozen_projections, stack_frozen_projections
+from policies.packed import PromptPass, can_pack, can_run_jointly, continued_hidden_states, packed_hidden_states, prepack_frozen_projections, prompt_pass, stack_frozen_projections
 from policies.text import Encoded
 from rlhf.config import ModelConfig
 from rlhf.core import token_logprobs_and_entropy
@@ -224,8 +224,15 @@ class ActorCritic(nn.Module):
         hidden = final_hidden_states(backbone, ids, attn, read=completion_positions(ids.shape, P, ids.device))
         return self.value_head(hidden[:, P - 1 : -1]).float()  # (B, C): state before each token
 
-    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The policy's log-probs (with gradients) and entropy (a metric, no graph), each (B, C)."""
+    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, prompt: PromptPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs (with gradients) and entropy (a metric, no graph), each (B, C).
+        With `prompt` (`generate_keeping_prompt_pass`, for these rows: `PromptPass.rows`), only
+        the completions run, continuing that pass."""
+        if prompt is not None:
+            with self.adapter(POLICY):
+                hidden = continued_hidden_states(self.policy, prompt, input_ids.to(self.device), attention_mask.to(self.device))
+                logits = unwrap_causal_lm(self.policy).get_output_embeddings()(hidden)
+            return self._logprobs_of(logits, input_ids, prompt_width, with_entropy=True)  # type: ignore[return-value]
         enc = Encoded(input_ids, attention_mask, torch.zeros_like(input_ids), prompt_width)
         with self.adapter(POLICY):
             logp, ent = self._logprobs(self.policy, enc, with_entropy=True)
@@ -237,12 +244,15 @@ class ActorCritic(nn.Module):
         with self.adapter(CRITIC):
             return self._values(enc)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, joint: bool = False) -> ActorCriticOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, joint: bool = False, prompt: PromptPass | None = None) -> ActorCriticOutput:
         """Policy log-probs and entropy (policy adapter) and values (critic), with gradients. With
-        `joint` (where `can_run_jointly`), as one pass over the shared base for both."""
+        `joint` (where `can_run_jointly`), as one pass over the shared base for both; with
+        `prompt`, the policy continues that prompt pass (`policy_forward`)."""
         if joint:
+            if prompt is not None:
+                raise ValueError("the joint pass runs the prompts itself; it can't continue a prompt pass")
             return self._joint_forward(input_ids.to(self.device), attention_mask.to(self.device), prompt_width)
-        logp, ent = self.policy_forward(input_ids, attention_mask, prompt_width)
+        logp, ent = self.policy_forward(input_ids, attention_mask, prompt_width, prompt)
         return ActorCriticOutput(logp, ent, self.critic_forward(input_ids, attention_mask, prompt_width))
 
     def can_run_jointly(self, seq_len: int) -> bool:
@@ -272,6 +282,28 @@ class ActorCritic(nn.Module):
 
         with self.adapter(POLICY):
             return sample_tokens(self.policy, input_ids.to(self.device), attention_mask.to(self.device), sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+    def can_keep_prompt_pass(self, prompt_width: int, sampling: Any) -> bool:
+        """Whether `generate_keeping_prompt_pass` can run: the padding-free sampler on the policy,
+        without activation checkpointing (whose point is not to keep a pass's activations)."""
+        from policies.text import can_sample_from_prompt_pass
+
+        layers = unwrap_causal_lm(self.policy).model.layers if can_pack(self.policy) else []
+        return can_sample_from_prompt_pass(self.policy, prompt_width, sampling) and not any(getattr(layer, "_rlhf_checkpointed", False) for layer in layers)
+
+    def generate_keeping_prompt_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Any, *, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, PromptPass]:
+        """`generate`, from a pass of the policy over the prompts that keeps its graph
+        (`policies.packed.prompt_pass`), returned with the samples: a training forward of the
+        policy with the same parameters continues it (`policy_forward(..., prompt=...)`)
+        instead of running the prompts again."""
+        from policies.text import sample_tokens
+
+        ids, attn = input_ids.to(self.device), attention_mask.to(self.device)
+        with self.adapter(POLICY):
+            with torch.enable_grad():
+                prompt = prompt_pass(self.policy, ids, attn)
+            out = sample_tokens(self.policy, ids, attn, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, prompt=prompt)
+        return out, prompt
 
     # --- state --------------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:

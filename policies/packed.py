@@ -198,18 +198,22 @@ class _Gather(torch.autograd.Function):
         return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy_(0, index, grad), None
 
 
-def _layer_forward(layer: Any, x: torch.Tensor, rot: Rotary, index: torch.Tensor, B: int, T: int, mask: torch.Tensor, attn_fn: Any, rope: Any, kv: list | None = None, dense: DenseLayer | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+def _layer_forward(layer: Any, x: torch.Tensor, rot: Rotary, index: torch.Tensor, B: int, T: int, mask: torch.Tensor, attn_fn: Any, rope: Any, kv: list | None = None, dense: DenseLayer | None = None, rows: torch.Tensor | None = None, past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One decoder layer on the packed residual stream x (N, D); mirrors the transformers
     LlamaDecoderLayer / LlamaAttention forward, token for token. With `kv` (generation), the
     layer's keys (after RoPE) and values, padded (B, H_kv, T, d), are appended to it. With
     `dense` (merged or factored, see `DenseLayer`), the projections use its matrices instead of
     the modules. With `rows` (indices into x), the output projection and the MLP run on those
-    rows only, and only they are returned (the last layer, where only some outputs are read)."""
+    rows only, and only they are returned (the last layer, where only some outputs are read).
+    With `past` (keys and values (B, H_kv, P, d) of P earlier columns, `continued_hidden_states`),
+    the T columns follow those: attention runs over the P + T keys, and `mask` is (B, 1, T, P + T)."""
     attn = layer.self_attn
     q, k, v = _rotated_qkv(layer, x, rot, rope, dense)
     K, V = _to_padded(k, index, B, T), _to_padded(v, index, B, T)
     if kv is not None:
         kv.append((K, V))
+    if past is not None:
+        K, V = torch.cat([past[0], K.to(past[0].dtype)], dim=2), torch.cat([past[1], V.to(past[1].dtype)], dim=2)
     out, _ = attn_fn(attn, _to_padded(q, index, B, T), K, V, mask, dropout=0.0, scaling=attn.scaling)
     if rows is not None:
         x, index = _gather_rows(x, rows), index[rows]
@@ -824,6 +828,98 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     return out if G == 1 else out.view(G, B // G, T, -1)
 
 
+@dataclass
+class PromptPass:
+    """A forward pass over a batch of left-padded prompts (B, P), kept with its autograd graph
+    (`prompt_pass`): each layer's keys (after RoPE) and values (B, H_kv, P, d), and the final
+    hidden state (after the final norm) of each row's last prompt token (B, D), which predicts
+    the first completion token. The sampler starts from it instead of a prefill of its own
+    (`packed_generate`), and the PPO step continues it over the completions
+    (`continued_hidden_states`): the prompts' share of the policy's training forward, computed
+    once instead of twice. Valid while the parameters it was computed with are unchanged
+    (`versions`)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last: torch.Tensor
+    attention_mask: torch.Tensor
+    versions: tuple[int, ...]
+
+    def rows(self, idx: list[int] | torch.Tensor) -> PromptPass:
+        """The pass for rows `idx` (distinct), in that order; gradients flow back to those rows."""
+        idx = torch.as_tensor(idx, device=self.last.device)
+        if torch.equal(idx, torch.arange(self.last.shape[0], device=idx.device)):
+            return self
+        pick = functools.partial(_gather_rows, index=idx)
+        return PromptPass([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.last),
+                          self.attention_mask[idx.to(self.attention_mask.device)], self.versions)
+
+
+def _versions(model: Any) -> tuple[int, ...]:
+    """The version counters of the model's parameters, which an in-place update (an optimizer
+    step) bumps."""
+    return tuple(p._version for p in model.parameters())
+
+
+def prompt_pass(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptPass:
+    """The `PromptPass` of a packable model (`can_pack`) over left-padded prompts (B, P), on the
+    projections a training pass uses (factored where they exist, else the modules), with
+    gradients where they are enabled. The last layer runs its output projection and MLP on the
+    last tokens only."""
+    if attention_mask[:, -1].min() < 1:
+        raise ValueError("prompts must be left-padded: every row's last column must be a real token")
+    decoder, layers, attn_fn, rope = _parts(model)
+    B, P = input_ids.shape
+    dense = factored_layers(layers)
+    index, x, rot, mask = _packed_inputs(decoder, input_ids, attention_mask)
+    last = torch.searchsorted(index, torch.arange(B, device=index.device) * P + P - 1)  # each row's last prompt token
+    keys, values = [], []
+    with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
+        for i, (layer, dl) in enumerate(zip(layers, dense or [None] * len(layers))):
+            kv: list = []
+            x = _layer_forward(layer, x, rot, index, B, P, mask, attn_fn, rope, kv, dl, last if i == len(layers) - 1 else None)
+            # Kept in the dtype attention reads them in (autocast's): the same numbers, cast once.
+            keys.append(kv[0][0].to(_compute_dtype(x)))
+            values.append(kv[0][1].to(_compute_dtype(x)))
+    return PromptPass(keys, values, _rms_norm(decoder.norm, x), attention_mask, _versions(model))
+
+
+def continued_hidden_states(model: Any, prompt: PromptPass, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (B, C, D) at positions P-1 … P+C-2 of (B, P + C) rows whose first
+    P columns are the prompts of `prompt` (the same rows in the same order): the states that
+    predict the C completion tokens, which `packed_hidden_states` with `read` at those positions
+    gives, up to rounding. Only the completion columns run through the layers, attending to the
+    prompt pass's keys and values, and gradients flow on into that pass's graph. The last column
+    predicts nothing and does not run; completion padding positions hold zeros."""
+    decoder, layers, attn_fn, rope = _parts(model)
+    B, P = prompt.attention_mask.shape
+    if input_ids.shape[0] != B or input_ids.shape[1] <= P or not torch.equal(attention_mask[:, :P], prompt.attention_mask.to(attention_mask.device)):
+        raise ValueError("continued_hidden_states: the rows' prompt columns are not those of the prompt pass")
+    if _versions(model) != prompt.versions:
+        raise ValueError("continued_hidden_states: the parameters changed since the prompt pass ran (an optimizer step?)")
+    first = prompt.last[:, None]
+    full = attention_mask[:, :-1]  # (B, P + C - 1)
+    C1 = full.shape[1] - P
+    if C1 == 0:
+        return first
+    dense = factored_layers(layers)
+    cm = full[:, P:]
+    index = _packed_index(cm)
+    x = decoder.embed_tokens(input_ids[:, P:-1].reshape(-1)[index])
+    pos = positions_of(full)[:, P:].reshape(-1)[index]
+    cos, sin = decoder.rotary_emb(x[None], pos[None])
+    rot = _rotary(cos[0], sin[0])
+    mask = _attention_mask(full, decoder.config._attn_implementation, _compute_dtype(x))[:, :, P:]  # (B, 1, C - 1, P + C - 1)
+    with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
+        for i, (layer, dl) in enumerate(zip(layers, dense or [None] * len(layers))):
+            x = _layer_forward(layer, x, rot, index, B, C1, mask, attn_fn, rope, None, dl, None, (prompt.keys[i], prompt.values[i]))
+    x = _rms_norm(decoder.norm, x)
+    out = x.new_zeros(B * C1, x.shape[-1]).index_copy(0, index, x).view(B, C1, -1)
+    if index.numel() > int(cm.sum()):  # padding positions among the rows (`_packed_index`)
+        out = out * cm[..., None].to(out.dtype)
+    return torch.cat([first.to(out.dtype), out], dim=1)
+
+
 def _copies(G: int, BT: int, index: torch.Tensor, x: torch.Tensor, rot: Rotary, mask: torch.Tensor, rows: torch.Tensor | None) -> tuple[Any, ...]:
     """`_packed_inputs` (and the read rows) of a batch of BT positions for G copies of it stacked
     as one batch: copy g's positions follow copy g-1's, and its rows are the same packed rows."""
@@ -932,7 +1028,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) 
 
 
 @torch.no_grad()
-def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, eos_token_id: int, pad_token_id: int, merge_weights: bool = True) -> torch.Tensor:
+def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, eos_token_id: int, pad_token_id: int, merge_weights: bool = True, prompt: PromptPass | None = None) -> torch.Tensor:
     """Sample up to `max_new_tokens` per left-padded prompt row; returns (B, P + C) like
     transformers' `generate`: prompt, then the sampled tokens, `pad_token_id` after a row's EOS,
     stopping once every row has ended. For packable models (`can_pack`) only.
@@ -947,7 +1043,10 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     (`Projection.prepack`, as is the LM head), made at the start and freed at the end: 212 MB
     for SmolLM2-135M in bf16. The numbers differ from the adapters' by rounding only
     (W + s·B·A rounded once against W·x + s·B·(A·x)); PPO recomputes every log-prob it uses
-    with the modules themselves."""
+    with the modules themselves.
+
+    With `prompt` (a `PromptPass` over these prompts), sampling starts from its keys, values and
+    last hidden states instead of a prefill of its own."""
     B, P = input_ids.shape
     L = P + max_new_tokens
     if not can_pack(model, L):
@@ -966,24 +1065,34 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     kv_dtype = torch.get_autocast_dtype(dev.type) if amp else None
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
         # prefill: the prompts' real tokens, keys and values kept per layer
-        index, x, rot, mask = _packed_inputs(decoder, input_ids, attention_mask)
+        if prompt is None:
+            index, x, rot, mask = _packed_inputs(decoder, input_ids, attention_mask)
+            last = torch.searchsorted(index, torch.arange(B, device=dev) * P + P - 1)  # each row's last prompt token
+            prefilled = []
+            for i, (layer, dl) in enumerate(zip(layers, dense_or_none)):
+                kv: list = []
+                x = _layer_forward(layer, x, rot, index, B, P, mask, attn_fn, rope, kv, dl, last if i == len(layers) - 1 else None)
+                prefilled.append(kv[0])
+            h_last = _rms_norm(decoder.norm, x)
+        else:
+            if tuple(prompt.attention_mask.shape) != (B, P) or not torch.equal(prompt.attention_mask.to(dev), attention_mask):
+                raise ValueError("packed_generate: the prompt pass is not over these prompts")
+            prefilled = [(K.detach(), V.detach()) for K, V in zip(prompt.keys, prompt.values)]
+            h_last = prompt.last.detach()
         caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer, dl in zip(layers, dense_or_none):
-            kv: list = []
-            x = _layer_forward(layer, x, rot, index, B, P, mask, attn_fn, rope, kv, dl)
-            K, V = kv[0]
+        for K, V in prefilled:
             # Kept in the autocast dtype: attention casts keys and values to it on every read,
             # so storing them cast gives the same numbers without re-casting the whole cache.
             Kb = K.new_zeros(B, K.shape[1], L, K.shape[3], dtype=kv_dtype or K.dtype)
             Vb = V.new_zeros(B, V.shape[1], L, V.shape[3], dtype=kv_dtype or V.dtype)
             Kb[:, :, :P], Vb[:, :, :P] = K, V
             caches.append((Kb, Vb))
-        last = torch.searchsorted(index, torch.arange(B, device=dev) * P + P - 1)  # each row's last prompt token
+        del prefilled
         head = _head_for(lm.get_output_embeddings(), B, merge_weights)
-        logits = head(_rms_norm(decoder.norm, x[last])).float()
+        logits = head(h_last).float()
         # The new token's row of the mask: the real prompt keys, then each sampled key from its step on.
         seen = torch.cat([attention_mask.bool(), attention_mask.new_zeros(B, max_new_tokens, dtype=torch.bool)], dim=1)
-        dmask = _encoded_mask(seen[:, None, None, :], kind, _compute_dtype(x)).clone()  # (B, 1, 1, L), written below
+        dmask = _encoded_mask(seen[:, None, None, :], kind, _compute_dtype(h_last)).clone()  # (B, 1, 1, L), written below
         visible = _encoded_mask(seen.new_ones(()), kind, dmask.dtype)
         next_pos = positions_of(attention_mask)[:, -1] + 1
         finished = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from policies.models import completion_logits
-from policies.packed import can_pack, packed_generate
+from policies.packed import PromptPass, can_pack, packed_generate
 from rlhf.config import SamplingConfig
 from rlhf.core import masked_sum, token_logprobs, truncate_after_eos
 from rlhf.data import Prompt
@@ -105,15 +105,19 @@ class Generation:
 
 
 @torch.no_grad()
-def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *, eos_token_id: int, pad_token_id: int, prompt: PromptPass | None = None) -> torch.Tensor:
     """Completions for left-padded prompt rows: (B, P + C) prompt then sampled tokens, padding
     after each row's EOS. Llama-family models take the padding-free sampler
     (policies.packed.packed_generate), others transformers' `generate`; both sample from
-    softmax(logits / temperature) after top-k / top-p, or take the argmax at temperature 0."""
+    softmax(logits / temperature) after top-k / top-p, or take the argmax at temperature 0.
+    With `prompt` (`policies.packed.prompt_pass` of these prompts), the padding-free sampler
+    starts from it instead of prefilling (`can_sample_from_prompt_pass`)."""
     if cfg.engine == "auto" and can_pack(model, input_ids.shape[1] + cfg.max_new_tokens):
         return packed_generate(model, input_ids, attention_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                               merge_weights=cfg.merge_weights)
+                               merge_weights=cfg.merge_weights, prompt=prompt)
+    if prompt is not None:
+        raise ValueError("a prompt pass needs the padding-free sampler (sampling.engine 'auto' on a packable model)")
     return model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -125,6 +129,12 @@ def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+
+
+def can_sample_from_prompt_pass(model: Any, prompt_width: int, cfg: SamplingConfig) -> bool:
+    """Whether `sample_tokens` runs the padding-free sampler here, which can start from a
+    `PromptPass`."""
+    return cfg.engine == "auto" and can_pack(model, prompt_width + cfg.max_new_tokens)
 
 
 def generate(model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingConfig) -> Generation:

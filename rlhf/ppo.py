@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from policies.actor_critic import ActorCritic
 from policies.models import adamw, autocast, autocast_dtype
+from policies.packed import PromptPass
 from policies.text import Encoded, render_prompt
 from rewards.base import RewardProvider
 from rewards.registry import RewardConfig, build_provider
@@ -92,6 +93,7 @@ class PPOConfig:
     sequential_backward: bool = doc(True, "one process: backpropagate the policy, then the critic in `critic_chunks` row chunks, so their activation graphs never coexist in full (same gradients, less peak memory)")
     critic_chunks: int | None = doc(None, "with sequential_backward: row chunks the critic's forward and backward run in (null: 1 for shared_lora, whose graphs are small, 4 for separate full models)")
     joint_forward: bool = doc(False, "shared_lora, unquantized: run the policy and the critic as one batched pass over the shared base (each half of the rows with its adapter) wherever their graphs coexist anyway: under DDP, without sequential_backward, and on the fused first step with critic_chunks 1. Same gradients up to rounding and about 0.2 s (5%) off the benchmark's training step, but 0.2-0.4 GB more peak RSS there (the allocator's heap fragments around the twice-as-large buffers), so off by default")
+    keep_prompt_pass: bool | None = doc(None, "one process, fused first step (one minibatch, no accumulation), padding-free sampler, no activation checkpointing: the policy's pass over the prompts that sampling starts from keeps its graph, and the first training forward continues it over the completions instead of running the prompts again (same log-probs and gradients up to rounding). null: on for shared_lora (0.2-0.4 s less per update on the benchmark, same peak), off for separate full models (there the kept fp32 graph added 350 MB to the peak, and the pass runs slower than the sampler's prepacked prefill, for no clear gain)")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
     prepack_frozen: bool = doc(True, "shared_lora on CPU: keep a copy of the frozen base's matmul weights in oneDNN's blocked layout for the forward passes (12% faster matmuls, one more copy of the base: 212 MB for SmolLM2-135M in bf16)")
     seed: int = doc(0, "random seed")
@@ -138,6 +140,7 @@ class Rollout:
     values: torch.Tensor | None = None  # (B, C) V_old(s_t)
     advantages: torch.Tensor | None = None  # (B, C) Â_t (whitened)
     returns: torch.Tensor | None = None  # (B, C) R_t = Â_t + V_old(s_t) before whitening
+    prompt_pass: PromptPass | None = None  # the policy's pass over the prompts, with its graph (`keep_prompt_pass`); the first training forward takes it
 
     def advantages_and_returns(self, rows: Any, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """GAE advantages (not whitened) and returns of the rollout's `rows`, given their π_old
@@ -168,6 +171,15 @@ def fuse_old_forward(cfg: PPOConfig) -> bool:
     the detached outputs *are* the old log-probs and values, bit for bit, and the advantages
     (whitened over the batch) are known before the loss is formed. Later epochs reuse them."""
     return cfg.num_minibatches == 1 and cfg.grad_accum_steps == 1
+
+
+def keeps_prompt_pass(cfg: PPOConfig, num_processes: int) -> bool:
+    """Whether the rollout keeps the policy's prompt pass for the first training forward
+    (`keep_prompt_pass`): on the fused first step of one process, where the policy does not run
+    in the joint pass (which runs the prompts itself). Under DDP a training step must be one
+    forward of the wrapped module, which a pass made during sampling is not."""
+    keep = cfg.keep_prompt_pass if cfg.keep_prompt_pass is not None else cfg.layout == "shared_lora"
+    return keep and fuse_old_forward(cfg) and num_processes == 1 and not cfg.joint_forward
 
 
 def critic_chunks(cfg: PPOConfig) -> int:
@@ -264,7 +276,9 @@ def run(cfg: PPOConfig) -> dict:
         t_update = time.time()
         # ---- 1. rollout ------------------------------------------------------------------------
         b_prompts = _batch_for(prompts, update, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
-        rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, amp, with_old=not fuse_old_forward(cfg))
+        rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, amp, with_old=not fuse_old_forward(cfg),
+                                  keep_prompt_pass=keeps_prompt_pass(cfg, accelerator.num_processes))
+        kept = rollout.prompt_pass is not None
         t_train = time.time()
         # ---- 2. PPO epochs -----------------------------------------------------------------------
         stats = ppo_update(model, optimizer, accelerator, rollout, cfg, amp)
@@ -279,6 +293,7 @@ def run(cfg: PPOConfig) -> dict:
             "seconds_per_update": t_done - t_update,
             "time/rollout_s": t_train - t_update,  # generation, scoring, reference (and, unfused, old) log-probs
             "time/train_s": t_done - t_train,  # the PPO epochs
+            "rollout/prompt_pass_kept": float(kept),  # the policy's prompt pass ran in the rollout, not the training step (keep_prompt_pass)
             "response/prompt_tokens": float(rollout.enc.attention_mask[:, : rollout.enc.prompt_width].sum(-1).float().mean()),
         } | heap_metrics()
         metrics = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in metrics.items()}
@@ -309,16 +324,23 @@ def run(cfg: PPOConfig) -> dict:
     return summary
 
 
-def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[tuple[Any, str]], cfg: PPOConfig, kl_coef: float, moments: RunningMoments, amp: torch.dtype | None, *, with_old: bool = True) -> Rollout:
+def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[tuple[Any, str]], cfg: PPOConfig, kl_coef: float, moments: RunningMoments, amp: torch.dtype | None, *, with_old: bool = True, keep_prompt_pass: bool = False) -> Rollout:
     """Sample, score and take the reference log-probs; with `with_old`, also π_old's log-probs
-    and V_old's values and hence the advantages (else `ppo_update` fills them)."""
+    and V_old's values and hence the advantages (else `ppo_update` fills them). With
+    `keep_prompt_pass` (and not `with_old`), where the policy allows it, the policy's pass over
+    the prompts keeps its graph for `ppo_update`'s first forward (`Rollout.prompt_pass`)."""
     tok = ac.tokenizer
     texts = [t for _, t in b_prompts]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = batch["input_ids"][:, -cfg.max_prompt_tokens :], batch["attention_mask"][:, -cfg.max_prompt_tokens :]
     ac.eval()  # dropout off in every model: rollout and update log-probs must agree (Huang et al. 2024)
+    prompt = None
     with autocast(ac.device, amp):
-        out = ac.generate(prompt_ids, prompt_mask, cfg.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).cpu()
+        if keep_prompt_pass and not with_old and ac.can_keep_prompt_pass(prompt_ids.shape[1], cfg.sampling):
+            out, prompt = ac.generate_keeping_prompt_pass(prompt_ids, prompt_mask, cfg.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        else:
+            out = ac.generate(prompt_ids, prompt_mask, cfg.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = out.cpu()
     # Keep tokens up to the first EOS; later ones are padding and never scored or trained.
     completion, mask, finished = truncate_after_eos(out[:, prompt_ids.shape[1] :], tok.eos_token_id, tok.pad_token_id)
     completion_texts = tok.batch_decode(completion, skip_special_tokens=True)
@@ -346,7 +368,7 @@ def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[t
     with torch.no_grad(), autocast(ac.device, amp):
         ref_logprobs = ac.reference_logprobs(enc).float() * m
         old = ac(enc.input_ids, enc.attention_mask, enc.prompt_width) if with_old else None
-    ro = Rollout(enc, mask, ref_logprobs.cpu(), scores, raw, result.valid, finished, completion_texts, kl_coef)
+    ro = Rollout(enc, mask, ref_logprobs.cpu(), scores, raw, result.valid, finished, completion_texts, kl_coef, prompt_pass=prompt)
     if old is not None:
         ro.set_old(old.logprobs, old.values, cfg)
     return ro
@@ -372,6 +394,8 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
             mb_idx = perm[mb_start : mb_start + mb_size]
             for mi in range(0, mb_size, micro):
                 idx = mb_idx[mi : mi + micro]
+                if ro.logprobs is None:  # the fused first step sees the whole batch: in rollout order, as a kept prompt pass is
+                    idx = sorted(idx)
                 # Under DDP, synchronise gradients only on the minibatch's last micro-batch.
                 last = mi + micro >= mb_size
                 # Sequential steps keep the two graphs apart, except on a fused first step with
@@ -391,13 +415,22 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, r
     return {k: v / n for k, v in sums.items()}
 
 
+def _take_prompt_pass(ro: Rollout, idx: list[int]) -> PromptPass | None:
+    """The rollout's kept prompt pass for rows `idx`, taken off the rollout (it serves the first
+    forward only: its graph is backpropagated once, and the step after changes the parameters)."""
+    prompt, ro.prompt_pass = ro.prompt_pass, None
+    return None if prompt is None else prompt.rows(idx)
+
+
 def _micro_step(model: Any, unwrapped: ActorCritic, ro: Rollout, idx: list[int], cfg: PPOConfig, amp: torch.dtype | None, accelerator: Any, joint: bool = False) -> dict[str, float]:
     dev = unwrapped.device
     enc = ro.enc
     ids, attn = enc.input_ids[idx].to(dev), enc.attention_mask[idx].to(dev)
     m = ro.mask[idx].to(dev).float()
+    prompt = _take_prompt_pass(ro, idx)
     with autocast(dev, amp):
-        out = model(ids, attn, enc.prompt_width, joint=joint)
+        out = model(ids, attn, enc.prompt_width, joint=joint, prompt=prompt)
+    del prompt  # its graph lives on in the outputs'; its own tensors can go
     logp, values = out.logprobs.float(), out.values.float()
     if ro.logprobs is None:  # the fused first step: θ = θ_old and idx is the whole batch
         ro.set_old(logp[torch.argsort(torch.tensor(idx))], values[torch.argsort(torch.tensor(idx))], cfg)
@@ -431,8 +464,10 @@ def _micro_step_sequential(ac: ActorCritic, ro: Rollout, idx: list[int], cfg: PP
     m = ro.mask[idx].to(dev).float()
     n_tokens = m.sum().clamp_min(1.0)
     scale = 1.0 / cfg.grad_accum_steps
+    prompt = _take_prompt_pass(ro, idx)
     with autocast(dev, amp):
-        logp, entropy = ac.policy_forward(ids, attn, P)
+        logp, entropy = ac.policy_forward(ids, attn, P, prompt)
+    del prompt  # its graph lives on in logp's; its own tensors can go
     logp = logp.float()
     fused = ro.logprobs is None
 

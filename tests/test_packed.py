@@ -712,3 +712,96 @@ def test_sampling_engine_picks_the_sampler(monkeypatch):
         hf = sample_tokens(model, ids, mask, SamplingConfig(max_new_tokens=4, temperature=0.0, engine="transformers"), eos_token_id=96, pad_token_id=0)
         assert calls == [1]  # transformers' generate, not the packed sampler
     assert torch.equal(auto, hf)
+
+
+def _prompt_and_completions(B: int = 4, P: int = 7, C: int = 5):
+    """Left-padded prompts, then completions of which two ended early (right padding)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 97, (B, P + C), generator=g)
+    mask = torch.ones(B, P + C, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, -2:] = 0
+    mask[2, :1] = 0
+    mask[3, -4:] = 0
+    return ids.masked_fill(mask == 0, 0), mask, P
+
+
+@pytest.mark.parametrize("kind, attn, stacked, amp, last_layers", [
+    ("llama", "eager", False, None, None), ("llama", "sdpa", False, None, None), ("llama", "eager", True, None, None),
+    ("qwen2", "eager", True, None, None), ("llama", "eager", True, torch.bfloat16, None), ("llama", "sdpa", True, torch.bfloat16, None),
+    ("llama", "eager", True, None, 1)])
+def test_prompt_pass_continued_over_the_completions_is_the_whole_forward(kind, attn, stacked, amp, last_layers):
+    """A pass over the prompts (`prompt_pass`), continued over the completions in another row
+    order (`PromptPass.rows`, `continued_hidden_states`), gives the states that predict the
+    completion tokens, and the gradients, of one pass over the whole rows, to rounding; zeros
+    at completion padding. With adapters on the top layer only, the layer below keeps no graph."""
+    from policies.models import completion_positions
+    from policies.packed import continued_hidden_states, prompt_pass
+
+    model = _tiny(kind, attn)
+    peft = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, last_layers=last_layers))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    if stacked:
+        from policies.packed import stack_frozen_projections
+
+        assert stack_frozen_projections(peft) == 4
+    ids, mask, P = _prompt_and_completions()
+    reads = mask[:, P - 1 : -1].bool()
+    params = [p for p in peft.parameters() if p.requires_grad]
+    w = torch.randn(*reads.shape, 32, generator=torch.Generator().manual_seed(2))
+
+    def grads(out):
+        return torch.autograd.grad((out.float() * w)[reads].sum(), params)
+
+    with autocast(torch.device("cpu"), amp):
+        whole = packed_hidden_states(peft, ids, mask, read=completion_positions(ids.shape, P))[:, P - 1 : -1]
+        kept = prompt_pass(peft, ids[:, :P], mask[:, :P])
+        assert [k.requires_grad for k in kept.keys] == ([False, True] if last_layers else [True, True])
+        order = [2, 0, 3, 1]
+        continued = continued_hidden_states(peft, kept.rows(order), ids[order], mask[order])
+    continued = continued[torch.argsort(torch.tensor(order))]
+    tol = dict(atol=1e-5, rtol=1e-5) if amp is None else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(continued[reads], whole[reads], **tol)
+    assert (continued[~reads] == 0).all()
+    for a, b in zip(grads(continued), grads(whole)):
+        scale = b.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(a / scale, b / scale, **tol)
+
+
+def test_a_prompt_pass_serves_only_its_rows_and_parameters():
+    from policies.packed import continued_hidden_states, prompt_pass
+
+    model = _with_lora(_tiny("llama"))
+    ids, mask, P = _prompt_and_completions()
+    kept = prompt_pass(model, ids[:, :P], mask[:, :P])
+    assert kept.rows([0, 1, 2, 3]) is kept  # rows in their own order: no copy
+    with pytest.raises(ValueError, match="not those of the prompt pass"):
+        continued_hidden_states(model, kept, ids[[1, 0, 2, 3]], mask[[1, 0, 2, 3]])
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)  # an optimizer step
+    with pytest.raises(ValueError, match="parameters changed"):
+        continued_hidden_states(model, kept, ids, mask)
+
+
+@pytest.mark.parametrize("merge_weights", [False, True])
+def test_sampling_from_a_prompt_pass_is_sampling_with_its_own_prefill(merge_weights):
+    """The sampler started from a kept prompt pass (its keys, values and last states, detached)
+    draws what it draws after a prefill of its own, with the same random numbers."""
+    from policies.packed import packed_generate, prompt_pass
+
+    model = _with_lora(_tiny("llama"), stacked=True)
+    ids, mask = _prompts()
+    kept = prompt_pass(model, ids, mask)
+    assert kept.last.requires_grad
+    outs = []
+    for prompt in (None, kept):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outs.append(packed_generate(model, ids, mask, max_new_tokens=8, temperature=1.0, eos_token_id=96, pad_token_id=0, merge_weights=merge_weights, prompt=prompt))
+    assert torch.equal(outs[0], outs[1])
+    assert kept.last.grad_fn is not None  # the pass's graph is still there for the training forward
+    with pytest.raises(ValueError, match="not over these prompts"):
+        packed_generate(model, ids[:2], mask[:2], max_new_tokens=2, temperature=1.0, eos_token_id=96, pad_token_id=0, prompt=kept)

@@ -82,6 +82,11 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     joint_calls = []
     real_joint = ActorCritic._joint_forward
     monkeypatch.setattr(ActorCritic, "_joint_forward", lambda self, *a: joint_calls.append(1) or real_joint(self, *a))
+    import policies.actor_critic as ac_mod
+
+    continued = []
+    real_continued = ac_mod.continued_hidden_states
+    monkeypatch.setattr(ac_mod, "continued_hidden_states", lambda *a: continued.append(1) or real_continued(*a))
     cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "eval_samples_per_prompt=2", "eval_batch_size=3", *extra)
     torch.manual_seed(0)
     before = ActorCritic.build(cfg.model, cfg.layout)
@@ -107,6 +112,8 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     unchanged = [n for n in init if torch.equal(init[n], trained[n].detach())]
     assert not unchanged, (len(unchanged), len(init), unchanged[:5])
     assert len(joint_calls) == (2 if layout == "shared_lora+joint_forward" else 0)  # one step per update
+    kept = layout == "shared_lora"  # on by default for shared_lora only
+    assert len(continued) == (2 if kept else 0)  # the kept prompt pass, once per update
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward/raw_mean", "kl/k1", "kl/k3", "policy/entropy", "policy/clip_fraction", "loss/value",
@@ -114,6 +121,7 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
                 "tokens_per_s", "reward/invalid_fraction", "kl_coef", "memory/heap_in_use_mib", "memory/heap_free_mib"):
         assert key in metrics[-1], key
     assert metrics[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert [m["rollout/prompt_pass_kept"] for m in metrics] == [float(kept)] * 2
     assert 10 < metrics[-1]["memory/heap_in_use_mib"] < 24 * 1024  # this process's live heap, models included
     assert metrics[-1]["kl/k3"] >= 0
     assert summary["eval_before"]["prompts"] == 2 and "reward_mean" in summary["eval_after"]
@@ -124,7 +132,7 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert [(e["index"], e["sample"]) for e in evaluated] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # 2 prompts × 2 samples
 
 
-def _one_update(cfg, *, with_old, random_value_head=False):
+def _one_update(cfg, *, with_old, random_value_head=False, keep_prompt_pass=False):
     """One rollout of 4 fixed prompts and one ppo_update, seeded: (rollout, stats, parameters
     after, parameters before)."""
     from accelerate import Accelerator
@@ -142,8 +150,9 @@ def _one_update(cfg, *, with_old, random_value_head=False):
     ac.temperature = cfg.sampling.temperature
     prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["Hi there", "How are you?", "Tell me a joke", "What is 2+2?"]]
     torch.manual_seed(1)
-    ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), None, with_old=with_old)
+    ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), None, with_old=with_old, keep_prompt_pass=keep_prompt_pass)
     assert (ro.advantages is None) == (not with_old)
+    assert (ro.prompt_pass is not None) == (keep_prompt_pass and not with_old)
     init = {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}
     optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
     torch.manual_seed(2)
@@ -187,6 +196,43 @@ def test_sequential_backward_gives_the_joint_update(tiny_llama_dir, tmp_path, ov
     params, init = joint[2], joint[3]
     moved = [n for n in init if not torch.equal(params[n], init[n])]
     assert any(".policy." in n for n in moved) and any(".critic." in n for n in moved) and "value_head.linear.weight" in moved
+
+
+@pytest.mark.parametrize("overrides, atol", [((), 1e-5), (("sequential_backward=false",), 1e-5), (("layout=separate", "model.lora.enabled=false"), 1e-4)])
+def test_kept_prompt_pass_gives_the_same_update(tiny_llama_dir, tmp_path, overrides, atol, monkeypatch):
+    """The policy's pass over the prompts kept from sampling and continued by the first training
+    forward (`keep_prompt_pass`) samples the same completions and trains as a training forward
+    over the whole rows, to rounding (full models: Adam's first steps, at lr 1e-2, turn gradient
+    rounding on a near-zero gradient into differences up to 4e-5 in a parameter); the
+    continuation really runs, once, and the rollout lets go of the pass."""
+    import policies.actor_critic as ac_mod
+
+    calls = []
+    real = ac_mod.continued_hidden_states
+    monkeypatch.setattr(ac_mod, "continued_hidden_states", lambda *a: calls.append(1) or real(*a))
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "ppo_epochs=2", *overrides)
+    whole = _one_update(cfg, with_old=False, random_value_head=True)
+    assert not calls
+    kept = _one_update(cfg, with_old=False, random_value_head=True, keep_prompt_pass=True)
+    assert len(calls) == 1 and kept[0].prompt_pass is None
+    assert torch.equal(kept[0].enc.input_ids, whole[0].enc.input_ids)
+    _assert_same_update(whole, kept, atol=atol)
+    params, init = kept[2], kept[3]
+    assert any(not torch.equal(params[n], init[n]) for n in init)
+
+
+def test_prompt_pass_is_kept_only_where_the_first_forward_can_take_it():
+    from rlhf.ppo import keeps_prompt_pass
+
+    def keeps(*overrides, processes=1):
+        return keeps_prompt_pass(load_config(PPOConfig, None, ["reward={type: bt, path: rm}", *overrides]), processes)
+
+    assert keeps()
+    assert not keeps("layout=separate", "model.lora.enabled=false")  # full models: off unless asked for
+    assert keeps("layout=separate", "model.lora.enabled=false", "keep_prompt_pass=true")
+    assert not keeps(processes=2)  # DDP: a training step is one forward of the wrapped module
+    assert not keeps("num_minibatches=2") and not keeps("grad_accum_steps=2")  # no fused first step
+    assert not keeps("joint_forward=true") and not keeps("keep_prompt_pass=false")
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
