@@ -148,6 +148,12 @@ def _one_update(cfg, *, with_old, random_value_head=False, keep_prompt_pass=Fals
         with torch.no_grad():
             ac.value_head.linear.weight.normal_(0, 0.3)
     ac.temperature = cfg.sampling.temperature
+    if cfg.model.quantization != "none":
+        # bitsandbytes repacks 4-bit weights for its CPU kernel on the first call without
+        # gradients, and the repacked kernel rounds differently (about 1e-4 relative here): one
+        # such call first, so that every pass compared runs on the same kernel.
+        with torch.no_grad():
+            ac.policy(input_ids=torch.tensor([[1, 2]]))
     prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["Hi there", "How are you?", "Tell me a joke", "What is 2+2?"]]
     torch.manual_seed(1)
     ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), None, with_old=with_old, keep_prompt_pass=keep_prompt_pass)
@@ -198,7 +204,8 @@ def test_sequential_backward_gives_the_joint_update(tiny_llama_dir, tmp_path, ov
     assert any(".policy." in n for n in moved) and any(".critic." in n for n in moved) and "value_head.linear.weight" in moved
 
 
-@pytest.mark.parametrize("overrides, atol", [((), 1e-5), (("sequential_backward=false",), 1e-5), (("layout=separate", "model.lora.enabled=false"), 1e-4)])
+@pytest.mark.parametrize("overrides, atol", [((), 1e-5), (("sequential_backward=false",), 1e-5), (("model.quantization=4bit",), 1e-5),
+                                             (("layout=separate", "model.lora.enabled=false"), 1e-4)])
 def test_kept_prompt_pass_gives_the_same_update(tiny_llama_dir, tmp_path, overrides, atol, monkeypatch):
     """The policy's pass over the prompts kept from sampling and continued by the first training
     forward (`keep_prompt_pass`) samples the same completions and trains as a training forward
