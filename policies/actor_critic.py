@@ -271,9 +271,20 @@ class ActorCritic(nn.Module):
         return ActorCriticOutput(logp, ent, self.value_head(for_critic[:, P - 1 : -1]).float())  # type: ignore[arg-type]
 
     @torch.no_grad()
-    def reference_logprobs(self, enc: Encoded) -> torch.Tensor:
+    def reference_logprobs(self, enc: Encoded, split: bool = False) -> torch.Tensor:
+        """log π_ref of the completion tokens (B, C). With `split`, computed as the policy's
+        training forward is when it continues a kept prompt pass: a pass over the prompts, then
+        the completions (`prompt_pass`, `continued_hidden_states`). The same function; what
+        changes is which rows each matmul sees, and in bf16 that changes the rounding. Taking
+        both in one shape keeps a fresh policy's log-probs equal to the reference's, bit for
+        bit, so the first update's KL is exactly 0 and later ones carry no rounding offset."""
         with self.as_reference() as ref:
-            return self._logprobs(ref, enc, with_entropy=False)[0]
+            if not split:
+                return self._logprobs(ref, enc, with_entropy=False)[0]
+            ids, attn, P = enc.input_ids.to(self.device), enc.attention_mask.to(self.device), enc.prompt_width
+            hidden = continued_hidden_states(ref, prompt_pass(ref, ids[:, :P], attn[:, :P]), ids, attn)
+            logits = unwrap_causal_lm(ref).get_output_embeddings()(hidden)
+            return self._logprobs_of(logits, ids, P, with_entropy=False)[0]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Any, *, eos_token_id: int, pad_token_id: int) -> torch.Tensor:

@@ -868,20 +868,25 @@ def prompt_pass(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
     last tokens only."""
     if attention_mask[:, -1].min() < 1:
         raise ValueError("prompts must be left-padded: every row's last column must be a real token")
+    with _lora_inputs_as_given(model) if torch.is_autocast_enabled(input_ids.device.type) else contextlib.nullcontext():
+        kv, last = _prefill(model, input_ids, attention_mask, factored_layers(_parts(model)[1]))
+    # Kept in the dtype attention reads them in (autocast's): the same numbers, cast once.
+    dtype = _compute_dtype(last)
+    return PromptPass([k.to(dtype) for k, _ in kv], [v.to(dtype) for _, v in kv], last, attention_mask, _versions(model))
+
+
+def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, dense: list[DenseLayer] | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Each layer's keys (after RoPE) and values (B, H_kv, P, d) over left-padded prompts (B, P),
+    and the final hidden state (after the final norm) of each row's last token (B, D); the last
+    layer runs its output projection and MLP on those tokens only."""
     decoder, layers, attn_fn, rope = _parts(model)
     B, P = input_ids.shape
-    dense = factored_layers(layers)
     index, x, rot, mask = _packed_inputs(decoder, input_ids, attention_mask)
     last = torch.searchsorted(index, torch.arange(B, device=index.device) * P + P - 1)  # each row's last prompt token
-    keys, values = [], []
-    with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
-        for i, (layer, dl) in enumerate(zip(layers, dense or [None] * len(layers))):
-            kv: list = []
-            x = _layer_forward(layer, x, rot, index, B, P, mask, attn_fn, rope, kv, dl, last if i == len(layers) - 1 else None)
-            # Kept in the dtype attention reads them in (autocast's): the same numbers, cast once.
-            keys.append(kv[0][0].to(_compute_dtype(x)))
-            values.append(kv[0][1].to(_compute_dtype(x)))
-    return PromptPass(keys, values, _rms_norm(decoder.norm, x), attention_mask, _versions(model))
+    kv: list = []
+    for i, (layer, dl) in enumerate(zip(layers, dense or [None] * len(layers))):
+        x = _layer_forward(layer, x, rot, index, B, P, mask, attn_fn, rope, kv, dl, last if i == len(layers) - 1 else None)
+    return kv, _rms_norm(decoder.norm, x)
 
 
 def continued_hidden_states(model: Any, prompt: PromptPass, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -1066,14 +1071,7 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     with _lora_inputs_as_given(model) if amp else contextlib.nullcontext():
         # prefill: the prompts' real tokens, keys and values kept per layer
         if prompt is None:
-            index, x, rot, mask = _packed_inputs(decoder, input_ids, attention_mask)
-            last = torch.searchsorted(index, torch.arange(B, device=dev) * P + P - 1)  # each row's last prompt token
-            prefilled = []
-            for i, (layer, dl) in enumerate(zip(layers, dense_or_none)):
-                kv: list = []
-                x = _layer_forward(layer, x, rot, index, B, P, mask, attn_fn, rope, kv, dl, last if i == len(layers) - 1 else None)
-                prefilled.append(kv[0])
-            h_last = _rms_norm(decoder.norm, x)
+            prefilled, h_last = _prefill(model, input_ids, attention_mask, dense)
         else:
             if tuple(prompt.attention_mask.shape) != (B, P) or not torch.equal(prompt.attention_mask.to(dev), attention_mask):
                 raise ValueError("packed_generate: the prompt pass is not over these prompts")

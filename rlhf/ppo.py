@@ -366,7 +366,7 @@ def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[t
 
     m = mask.to(ac.device).float()
     with torch.no_grad(), autocast(ac.device, amp):
-        ref_logprobs = ac.reference_logprobs(enc).float() * m
+        ref_logprobs = ac.reference_logprobs(enc, split=prompt is not None).float() * m
         old = ac(enc.input_ids, enc.attention_mask, enc.prompt_width) if with_old else None
     ro = Rollout(enc, mask, ref_logprobs.cpu(), scores, raw, result.valid, finished, completion_texts, kl_coef, prompt_pass=prompt)
     if old is not None:

@@ -58,22 +58,32 @@ def test_reference_logprobs_are_the_base_model(tiny_llama_dir):
     assert out.values.shape == out.logprobs.shape
 
 
+@pytest.mark.parametrize("kept", [False, True])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_fresh_policy_equals_the_reference_bit_for_bit(tiny_llama_dir, amp):
+def test_fresh_policy_equals_the_reference_bit_for_bit(tiny_llama_dir, amp, kept):
     """With fresh adapters (B = 0) the policy is the reference, so the first update's KL must be
-    exactly 0 in every token: the factored layers add the adapters' zero product exactly."""
-    from policies.packed import _parts, factored_layers
+    exactly 0 in every token: the factored layers add the adapters' zero product exactly. Also
+    when the policy continues a kept prompt pass (with gradients, as in the rollout) and the
+    reference is taken in the same split shape."""
+    from policies.packed import _parts, factored_layers, prompt_pass
     from policies.text import encode_completions
 
     ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
-    ac.store_frozen_in(amp)
+    ac.store_frozen_in(amp, prepack=True)
     assert factored_layers(_parts(ac.policy)[1]) is not None
-    enc = encode_completions(ac.tokenizer, ["Hello there", "Hi"], ["General Kenobi", "How are you doing today?"], add_eos=False)
-    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-        ref = ac.reference_logprobs(enc)
-        out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
-    m = enc.completion_mask[:, enc.prompt_width :].bool()
-    assert torch.equal(out.logprobs[m], ref[m])
+    enc = encode_completions(ac.tokenizer, ["Hello there", "Hi", "A longer prompt than the others"], ["General Kenobi", "How are you doing today?", "Yes"], add_eos=False)
+    P = enc.prompt_width
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.no_grad():
+            ref = ac.reference_logprobs(enc, split=kept)
+        prompt = None
+        if kept:
+            with ac.adapter(POLICY):
+                prompt = prompt_pass(ac.policy, enc.input_ids[:, :P], enc.attention_mask[:, :P])
+        out = ac(enc.input_ids, enc.attention_mask, P, prompt=prompt)
+    m = enc.completion_mask[:, P:].bool()
+    assert out.logprobs.requires_grad  # the training forward's log-probs, graph and all
+    assert torch.equal(out.logprobs.detach()[m], ref[m])
 
 
 @pytest.mark.parametrize("layout", ["shared_lora", "shared_lora+joint_forward", "separate"])
@@ -113,7 +123,7 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert not unchanged, (len(unchanged), len(init), unchanged[:5])
     assert len(joint_calls) == (2 if layout == "shared_lora+joint_forward" else 0)  # one step per update
     kept = layout == "shared_lora"  # on by default for shared_lora only
-    assert len(continued) == (2 if kept else 0)  # the kept prompt pass, once per update
+    assert len(continued) == (4 if kept else 0)  # per update: the policy continues its kept prompt pass, the reference its own
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward/raw_mean", "kl/k1", "kl/k3", "policy/entropy", "policy/clip_fraction", "loss/value",
@@ -208,8 +218,8 @@ def test_sequential_backward_gives_the_joint_update(tiny_llama_dir, tmp_path, ov
                                              (("layout=separate", "model.lora.enabled=false"), 1e-4)])
 def test_kept_prompt_pass_gives_the_same_update(tiny_llama_dir, tmp_path, overrides, atol, monkeypatch):
     """The policy's pass over the prompts kept from sampling and continued by the first training
-    forward (`keep_prompt_pass`) samples the same completions and trains as a training forward
-    over the whole rows, to rounding (full models: Adam's first steps, at lr 1e-2, turn gradient
+    forward (`keep_prompt_pass`, the reference then taken in the same split shape) samples the
+    same completions and trains as a training forward over the whole rows, to rounding (full models: Adam's first steps, at lr 1e-2, turn gradient
     rounding on a near-zero gradient into differences up to 4e-5 in a parameter); the
     continuation really runs, once, and the rollout lets go of the pass."""
     import policies.actor_critic as ac_mod
@@ -221,7 +231,7 @@ def test_kept_prompt_pass_gives_the_same_update(tiny_llama_dir, tmp_path, overri
     whole = _one_update(cfg, with_old=False, random_value_head=True)
     assert not calls
     kept = _one_update(cfg, with_old=False, random_value_head=True, keep_prompt_pass=True)
-    assert len(calls) == 1 and kept[0].prompt_pass is None
+    assert len(calls) == 2 and kept[0].prompt_pass is None  # the policy's continuation and the reference's, once each
     assert torch.equal(kept[0].enc.input_ids, whole[0].enc.input_ids)
     _assert_same_update(whole, kept, atol=atol)
     params, init = kept[2], kept[3]
