@@ -821,11 +821,17 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
         attention_mask, B = attention_mask.repeat(G, 1), G * B
     if rows is not None:
         index = index[rows]
-    x = _rms_norm(decoder.norm, x)
-    out = x.new_zeros(B * T, x.shape[-1]).index_copy(0, index, x).view(B, T, -1)
-    if topped_up:
-        out = out * attention_mask[..., None].to(out.dtype)
+    out = _unpacked(_rms_norm(decoder.norm, x), index, attention_mask, topped_up)
     return out if G == 1 else out.view(G, B // G, T, -1)
+
+
+def _unpacked(x: torch.Tensor, index: torch.Tensor, attention_mask: torch.Tensor, topped_up: bool) -> torch.Tensor:
+    """Packed rows x (n, D) at positions `index` of a (B, T) batch, as (B, T, D) with zeros at
+    the other positions; `topped_up`: padding positions were packed too (`_packed_index`), and
+    their rows are zeroed by the mask."""
+    B, T = attention_mask.shape
+    out = x.new_zeros(B * T, x.shape[-1]).index_copy(0, index, x).view(B, T, -1)
+    return out * attention_mask[..., None].to(out.dtype) if topped_up else out
 
 
 @dataclass
@@ -918,10 +924,7 @@ def continued_hidden_states(model: Any, prompt: PromptPass, input_ids: torch.Ten
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         for i, (layer, dl) in enumerate(zip(layers, dense or [None] * len(layers))):
             x = _layer_forward(layer, x, rot, index, B, C1, mask, attn_fn, rope, None, dl, None, (prompt.keys[i], prompt.values[i]))
-    x = _rms_norm(decoder.norm, x)
-    out = x.new_zeros(B * C1, x.shape[-1]).index_copy(0, index, x).view(B, C1, -1)
-    if index.numel() > int(cm.sum()):  # padding positions among the rows (`_packed_index`)
-        out = out * cm[..., None].to(out.dtype)
+    out = _unpacked(_rms_norm(decoder.norm, x), index, cm, index.numel() > int(cm.sum()))
     return torch.cat([first.to(out.dtype), out], dim=1)
 
 
