@@ -754,14 +754,16 @@ def _parts(model: Any) -> tuple[Any, Any, Any, Any]:
     return decoder, decoder.layers[: lm.config.num_hidden_layers], attn_fn, rope
 
 
-def _packed_inputs(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The packed positions (`_packed_index`), their embeddings (N, D), rotary angles
-    (N, d), and the (B, 1, T, T) attention mask."""
-    index = _packed_index(attention_mask)
-    x = decoder.embed_tokens(input_ids.reshape(-1)[index])
-    pos = positions_of(attention_mask).reshape(-1)[index]
+def _packed_inputs(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, ...]:
+    """The packed positions (`_packed_index`) of columns `start`… of (B, T) rows, their
+    embeddings (N, D), rotary angles (N, d), and the (B, 1, T - start, T) attention mask of those
+    columns over all T (the earlier columns: a kept prompt pass, `continued_hidden_states`)."""
+    run = attention_mask[:, start:]
+    index = _packed_index(run)
+    x = decoder.embed_tokens(input_ids[:, start:].reshape(-1)[index])
+    pos = positions_of(attention_mask)[:, start:].reshape(-1)[index]
     cos, sin = decoder.rotary_emb(x[None], pos[None])
-    mask = _attention_mask(attention_mask, decoder.config._attn_implementation, _compute_dtype(x))
+    mask = _attention_mask(attention_mask, decoder.config._attn_implementation, _compute_dtype(x))[:, :, start:]
     return index, x, _rotary(cos[0], sin[0]), mask
 
 
@@ -914,13 +916,8 @@ def continued_hidden_states(model: Any, prompt: PromptPass, input_ids: torch.Ten
     if C1 == 0:
         return first
     dense = factored_layers(layers)
+    index, x, rot, mask = _packed_inputs(decoder, input_ids[:, :-1], full, P)  # mask (B, 1, C - 1, P + C - 1)
     cm = full[:, P:]
-    index = _packed_index(cm)
-    x = decoder.embed_tokens(input_ids[:, P:-1].reshape(-1)[index])
-    pos = positions_of(full)[:, P:].reshape(-1)[index]
-    cos, sin = decoder.rotary_emb(x[None], pos[None])
-    rot = _rotary(cos[0], sin[0])
-    mask = _attention_mask(full, decoder.config._attn_implementation, _compute_dtype(x))[:, :, P:]  # (B, 1, C - 1, P + C - 1)
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         for i, (layer, dl) in enumerate(zip(layers, dense or [None] * len(layers))):
             x = _layer_forward(layer, x, rot, index, B, C1, mask, attn_fn, rope, None, dl, None, (prompt.keys[i], prompt.values[i]))
