@@ -394,6 +394,23 @@ def test_prepacked_projections_give_f_linears_numbers_and_sampling_uses_them(mon
 
     with_prepack = sample()
     assert packed == [True] * (4 * 2 + 1)  # four projections per layer, two layers, the head
+    # The frozen head's packed copy is kept for the next call (the layers' merged weights are
+    # made afresh: the adapters change between calls), and remade once the head changes.
+    owner = unwrap_causal_lm(model)
+    kept = owner._rlhf_kept_head[1]
+    packed.clear()
+    assert torch.equal(sample(), with_prepack) and owner._rlhf_kept_head[1] is kept
+    assert packed == [True] * (4 * 2)
+    head = owner.get_output_embeddings().weight
+    saved = head.detach().clone()
+    with torch.no_grad():
+        head.mul_(-1)
+    packed.clear()
+    assert not torch.equal(sample(), with_prepack) and owner._rlhf_kept_head[1] is not kept
+    assert packed == [True] * (4 * 2 + 1)
+    with torch.no_grad():
+        head.copy_(saved)
+    packed.clear()
     fp32_model = _with_lora(_tiny("llama", hidden_size=64))
     packed.clear()
     with torch.no_grad():
