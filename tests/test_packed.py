@@ -410,7 +410,6 @@ def test_prepacked_projections_give_f_linears_numbers_and_sampling_uses_them(mon
     assert packed == [True] * (4 * 2 + 1)
     with torch.no_grad():
         head.copy_(saved)
-    packed.clear()
     fp32_model = _with_lora(_tiny("llama", hidden_size=64))
     packed.clear()
     with torch.no_grad():
