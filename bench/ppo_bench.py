@@ -46,7 +46,7 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
     and, where torch has it, oneDNN's linear on a weight reordered once into its blocked layout
     (what `policies.packed` runs). On an AMD CPU torch's fp32 matmul goes through MKL, whose
     kernels there are far slower than oneDNN's (0.20 against 0.46 TFLOP/s on the 2026-12-07
-    machine), so a matmul-only probe understated the peak and gave MFUs over 100%."""
+    machine), so a matmul-only probe understated the peak and gave fp32 MFUs over 100%."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     candidates = [lambda: a @ b]
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
