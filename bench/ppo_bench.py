@@ -47,10 +47,13 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
     (what `policies.packed` runs). On an AMD CPU torch's fp32 matmul goes through MKL, whose
     kernels there are far slower than oneDNN's (0.20 against 0.46 TFLOP/s on the 2026-12-07
     machine), so a matmul-only probe understated the peak and gave fp32 MFUs over 100%."""
+    from policies.packed import _can_prepack, _packed
+
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     candidates = [lambda: a @ b]
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
+    w = b.t().contiguous()  # a linear's (out, in) weight: x·wᵀ = a·b
+    if _can_prepack(w):
+        packed = _packed(w, n)
         candidates.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     return max(_flops_per_s(fn, 2 * n**3, seconds) for fn in candidates)
 
