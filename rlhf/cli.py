@@ -202,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args, parser)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        from rlhf.config import one_line
+
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -157,8 +157,14 @@ def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple[str,
     """YAML → plain dict plus the 1-based line of every key, for error messages."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:  # one line: `file:line: invalid YAML: [context (line n); ]problem`
+        mark, context = err.problem_mark or err.context_mark, err.context
+        if context and err.context_mark and err.context_mark.line != mark.line:
+            context += f" (line {err.context_mark.line + 1})"
+        what = "; ".join(one_line(part) for part in (context, err.problem) if part)
+        raise ConfigError(f"{f'{source}:{mark.line + 1}' if mark else source}: invalid YAML: {what}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: invalid YAML: {err}") from None
+        raise ConfigError(f"{source}: invalid YAML: {one_line(str(err))}") from None
     if node is None:
         return {}, {}
     if not isinstance(node, yaml.MappingNode):
@@ -252,8 +258,31 @@ def _build(cls: type[T], data: Any, prefix: tuple[str, ...], lines: dict, source
         raise ConfigError(f"{_where(source, lines, prefix) if prefix else source}: missing required key {keys}")
     try:
         return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{_where(source, lines, prefix) if prefix else source}: {err}") from None
+    except ValueError as err:  # a value check in __post_init__ (ConfigError is one too)
+        raise _invalid(err, prefix, list(kwargs), lines, source) from None
+
+
+def _invalid(err: ValueError, prefix: tuple[str, ...], keys: list[str], lines: dict, source: str) -> ConfigError:
+    """A config constructor's ValueError as one line: `where: block: message`.
+
+    `where` is the line of the first key of the block that the message names and the recipe
+    (or command line) sets, else the block's own line, else the source alone; `block` is the
+    block's dotted path (left out for the top level, whose keys the message names as they are).
+    """
+    message = one_line(str(err))
+    named = sorted(
+        (m.start(), path)
+        for key in keys
+        if (path := (*prefix, key)) in lines and (m := re.search(rf"(?<!\w){re.escape(key)}(?!\w)", message))
+    )
+    where = _where(source, lines, named[0][1] if named else prefix) if named or prefix else source
+    block = f"{'.'.join(prefix)}: " if prefix else ""
+    return ConfigError(f"{where}: {block}{message}")
+
+
+def one_line(message: str) -> str:
+    """`message` with its lines joined by spaces, so that an error prints as one line."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -53,6 +53,21 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "did you mean 'num_pairs'" in capsys.readouterr().err
 
 
+def test_ppo_config_check_fails_in_one_line_without_traceback(tmp_path):
+    """PPOConfig's own check (batch_size divisible by num_minibatches × grad_accum_steps) stops
+    `rlhf ppo` with one line on stderr naming the recipe, line and key, before any model loads
+    (the model named here does not exist, so reaching the loader would fail differently)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  name: /nonexistent/model\nreward:\n  type: function\n  path: reward_fns:length_reward\nbatch_size: 8\nnum_minibatches: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "rlhf", "ppo", str(recipe), f"output_dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: {recipe}:6: batch_size ") and "num_minibatches" in lines[0], lines[0]
+    assert proc.stdout == "" and not (tmp_path / "run").exists()
+
+
 def test_models_lists_default_alias(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out

@@ -147,6 +147,37 @@ def test_bt_loss_gradient_points_the_right_way():
     assert r_c.grad.item() == pytest.approx(-0.5) and r_r.grad.item() == pytest.approx(0.5)
 
 
+def _neg_log_sigmoid(z: float) -> float:
+    """−log σ(z) = max(−z, 0) + log1p(e^{−|z|}), in Python floats (exact to rounding for every z)."""
+    return max(-z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
+# z = ±25 are the cases that tell: softplus(−z) returns −z past its threshold (−z > 20) and drops
+# log1p(e^z) ≈ 1.4e-11 at z = −25, 5.6e-13 relative, far above float64's rounding.
+LARGE_Z = [40.0, 25.0, 5.0, -5.0, -25.0, -40.0]
+
+
+@pytest.mark.parametrize("z", LARGE_Z)
+def test_bt_loss_is_exact_in_float64_for_large_margins(z):
+    f64 = dict(dtype=torch.float64)
+    exact = _neg_log_sigmoid(z)
+    # z as the reward difference, and as a margin m (z = 0 − 0 − m).
+    assert bt_loss(torch.tensor([z], **f64), torch.tensor([0.0], **f64)).item() == pytest.approx(exact, rel=1e-15, abs=0)
+    assert bt_loss(torch.zeros(1, **f64), torch.zeros(1, **f64), margin=torch.tensor([-z], **f64)).item() == pytest.approx(exact, rel=1e-15, abs=0)
+
+
+@pytest.mark.parametrize("z", LARGE_Z)
+def test_grm_regularizers_are_exact_in_float64_for_large_arguments(z):
+    f64 = dict(dtype=torch.float64)
+    beta = 0.5
+    lc = torch.tensor([z / beta], **f64)  # sft: β · log π(y_c|x) = z
+    zero = torch.zeros(1, **f64)
+    exact = _neg_log_sigmoid(z)
+    assert grm_regularizer("sft", lc, beta=beta).item() == pytest.approx(exact, rel=1e-15, abs=0)
+    assert grm_regularizer("dpo_noref", lc, zero, beta=beta).item() == pytest.approx(exact, rel=1e-15, abs=0)
+    assert grm_regularizer("dpo", lc, zero, zero, zero, beta=beta).item() == pytest.approx(exact, rel=1e-15, abs=0)
+
+
 def test_preference_ece_hand_values():
     # Margin ln 3 → p = 3/4, confidence 3/4, correct. Margin −ln 3 → p = 1/4, confidence 3/4, wrong.
     # One bin holds both: |accuracy ½ − confidence ¾| = ¼.

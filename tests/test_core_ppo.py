@@ -77,6 +77,34 @@ def test_gae_vectorised_equals_loop_with_padding():
     assert torch.equal(r, before[0]) and torch.equal(v, before[1])
 
 
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [[1, 1, 0, 0], [1, 0, 1, 0]],  # a 0 inside the completion
+        [[1, 1, 1, 1], [0, 1, 1, 0]],  # left padding
+        [[1, 0, 0, 1], [1, 1, 0, 0]],  # a 1 after the padding
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.long, torch.float32, torch.bool])
+def test_gae_rejects_a_mask_with_a_hole(mask, dtype):
+    m = torch.tensor(mask).to(dtype)
+    r, v = torch.randn(2, 4), torch.randn(2, 4)
+    for fn in (gae, gae_loop):
+        with pytest.raises(ValueError, match=r"mask row \d has a hole.*1s then 0s"):
+            fn(r, v, m, 0.99, 0.95)
+
+
+def test_gae_accepts_right_padded_masks_of_every_length():
+    torch.manual_seed(1)
+    T = 5
+    mask = (torch.arange(T) < torch.arange(T + 1).unsqueeze(1)).float()  # lengths 0..T, all-0 and all-1 rows too
+    r, v = torch.randn(T + 1, T), torch.randn(T + 1, T)
+    a1, r1 = gae_loop(r, v, mask, 0.9, 0.8)
+    a2, r2 = gae(r, v, mask, 0.9, 0.8)
+    assert torch.allclose(a1, a2, atol=1e-5) and torch.allclose(r1, r2, atol=1e-5)
+    assert (a1[0] == 0).all() and (a1[-1] != 0).all()
+
+
 def test_whiten_and_masked_var():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     m = torch.tensor([[1, 1, 1, 0]])

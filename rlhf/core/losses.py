@@ -27,13 +27,14 @@ def bt_loss(
     r_chosen, r_rejected: (B,) rewards r(x, y_c), r(x, y_r); margin: (B,) m_i or None (0);
     center_coef: η. The margin form is Llama 2's (Touvron et al. 2023, eq. 2); the centering term
     keeps rewards near zero so the BT loss's shift invariance can't let them drift (Eisenstein
-    et al. 2023, "Helping or Herding?", section 3). −log σ(z) is computed as softplus(−z), which
-    is exact for large |z|.
+    et al. 2023, "Helping or Herding?", section 3). −log σ(z) is computed as −logsigmoid(z)
+    = max(−z, 0) + log1p(e^{−|z|}), which is exact to rounding for every z in float32 and float64
+    (softplus(−z) is not: past its threshold, −z > 20, it returns −z and drops log1p(e^{z})).
     """
     z = r_chosen - r_rejected
     if margin is not None:
         z = z - margin
-    loss = F.softplus(-z).mean()
+    loss = -F.logsigmoid(z).mean()
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected).pow(2).mean()
     return loss
@@ -55,7 +56,8 @@ def grm_regularizer(
         dpo:        −log σ(β · [(log π(y_c|x) − log π(y_r|x)) − (log π_ref(y_c|x) − log π_ref(y_r|x))])
         dpo_noref:  −log σ(β · (log π(y_c|x) − log π(y_r|x)))
 
-    Returns the batch mean.
+    Returns the batch mean. −log σ(z) is computed as −logsigmoid(z), exact for every z (see
+    `bt_loss`).
     """
     if kind == "sft":
         z = beta * logp_chosen
@@ -67,7 +69,7 @@ def grm_regularizer(
         z = beta * ((logp_chosen - logp_rejected) - (ref_logp_chosen - ref_logp_rejected))
     else:
         raise ValueError(f"unknown GRM regularizer {kind!r}; expected 'sft', 'dpo' or 'dpo_noref'")
-    return F.softplus(-z).mean()
+    return -F.logsigmoid(z).mean()
 
 
 def grm_loss(bt: torch.Tensor, regularizer: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:

@@ -76,6 +76,18 @@ def per_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     return rewards + last.to(kl.dtype) * score.unsqueeze(-1).to(kl.dtype)
 
 
+def _check_right_padded(mask: torch.Tensor) -> None:
+    """Raise ValueError unless every row of `mask` (B, T) is 1s then 0s: a completion mask has no
+    hole (a 0 followed later by a 1), which GAE would treat as the end of the episode."""
+    rises = mask[:, 1:] > mask[:, :-1]  # a 0 → 1 step: a row with a hole has one
+    if bool(rises.any()):
+        row, t = (int(i) for i in rises.nonzero()[0])
+        raise ValueError(
+            f"mask row {row} has a hole: {mask[row, t].item():g} at position {t}, then "
+            f"{mask[row, t + 1].item():g} at {t + 1}; a completion mask must be 1s then 0s (right-padded)"
+        )
+
+
 def gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16), the plain backward loop:
 
@@ -83,9 +95,11 @@ def gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
         A_t = δ_t + γλ A_{t+1}
         R_t = A_t + V_t                    (the value target)
 
-    rewards, values, mask: (B, T), completions right-padded. Returns (advantages, returns),
-    each (B, T) and zero on padding. Kept as the reference for `gae`.
+    rewards, values, mask: (B, T), completions right-padded: each row of the mask is 1s then 0s
+    (a row with a hole, a 0 before a 1, raises ValueError). Returns (advantages, returns), each
+    (B, T) and zero on padding. Kept as the reference for `gae`.
     """
+    _check_right_padded(mask)
     m = mask.to(values.dtype)
     values = values * m
     rewards = rewards * m
@@ -102,7 +116,10 @@ def gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE as `gae_loop`, vectorised: A = δ · Dᵀ with D[t, k] = (γλ)^{k−t} for k ≥ t, else 0.
-    O(T²) memory in the (T, T) discount matrix, which is small for completion lengths."""
+    O(T²) memory in the (T, T) discount matrix, which is small for completion lengths. The sum
+    runs to the end of the row, so it equals the loop only on right-padded masks (1s then 0s);
+    a mask with a hole raises ValueError, as in `gae_loop`."""
+    _check_right_padded(mask)
     m = mask.to(values.dtype)
     values = values * m
     rewards = rewards * m
