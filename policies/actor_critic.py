@@ -2,11 +2,14 @@
 
 `shared_lora` (DESIGN.md, "Single-GPU layout"): one base model, optionally 4-bit, carries two
 LoRA adapters, `policy` (trained) and `critic` (trained, plus a value head); the reference
-policy is the base with adapters disabled. One copy of the base weights serves all three.
+policy is the base with adapters disabled. One copy of the base weights serves all three, and
+a LoRA reward model trained on the same base can join them as a frozen adapter
+(`host_frozen_adapter`).
 
 `separate`: a full policy, a frozen full copy as the reference, and a full critic backbone with
 a value head. The same loop runs on either through `ActorCritic`'s methods.
 
+Every pass runs through the model's engine (`policies.engine`, chosen by `model.engine`);
 `forward` computes the policy's log-probs and the critic's values in one call, so that under
 DDP (Accelerate) a training step is one forward and one backward of one wrapped module.
 """
@@ -15,16 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from policies.models import LoadedModel, apply_lora, completion_logits, completion_positions, final_hidden_states, load_model, store_frozen_linears_in, unwrap_causal_lm
-from policies.packed import PromptPass, can_pack, can_run_jointly, continued_hidden_states, packed_hidden_states, prepack_frozen_projections, prompt_pass, stack_frozen_projections
+from policies.engine import completion_positions
+from policies.engine_choice import build_engine
+from policies.models import LoadedModel, apply_lora, autocast_dtype, load_model, store_frozen_linears_in, unwrap_causal_lm
 from policies.text import Encoded
-from rlhf.config import ModelConfig
+from rlhf.config import EngineConfig, ModelConfig
 from rlhf.core import token_logprobs_and_entropy
 
 POLICY, CRITIC, REFERENCE, REWARD = "policy", "critic", "reference", "reward"
@@ -56,7 +62,7 @@ class ValueHead(nn.Module):
 class ActorCritic(nn.Module):
     """Policy + reference + critic behind one interface (see module docstring)."""
 
-    def __init__(self, policy: Any, critic_backbone: Any | None, reference: Any | None, value_head: ValueHead, tokenizer: Any, layout: str) -> None:
+    def __init__(self, policy: Any, critic_backbone: Any | None, reference: Any | None, value_head: ValueHead, tokenizer: Any, layout: str, engine: Any, settings: EngineConfig = EngineConfig(), amp: torch.dtype | None = None) -> None:
         super().__init__()
         self.policy = policy  # peft model with both adapters (shared_lora) or a causal LM (separate)
         self.critic_backbone = critic_backbone  # None in shared_lora: the critic adapter lives in `policy`
@@ -64,18 +70,25 @@ class ActorCritic(nn.Module):
         self.value_head = value_head
         self.tokenizer = tokenizer
         self.layout = layout
+        self.engine = engine  # policies.engine.Engine: how every pass runs
+        self.amp = amp  # the autocast dtype every pass runs under (None: off)
         self.temperature = 1.0
         self.has_reference_adapter = False
         self.base_path: Any = None  # shared_lora: the base model's directory (resolved)
         self.quantization = "none"
+        shared = layout == "shared_lora"
+        self.critic_chunks = settings.critic_chunks or (1 if shared else 4)
+        self.keep_prompt_pass = settings.keep_prompt_pass if settings.keep_prompt_pass is not None else shared
+        self._kept: tuple[torch.Tensor, Any] | None = None  # (prompt ids, the engine's kept prompt pass): `generate`
+        self._kept_count = 0
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: ModelConfig, layout: str) -> ActorCritic:
+    def build(cls, cfg: ModelConfig, layout: str, settings: EngineConfig = EngineConfig(), autocast: str = "auto") -> ActorCritic:
         if layout == "shared_lora":
             if not cfg.lora.enabled:
                 raise ValueError("layout 'shared_lora' needs model.lora.enabled: true (or use layout 'separate')")
-            loaded = load_model(dataclass_replace_lora(cfg, enabled=False))
+            loaded = load_model(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False)))
             model = apply_lora(loaded.model, cfg.lora, quantized=cfg.quantization != "none", adapter_name=POLICY)
             # The critic adapter has the policy adapter's shape and starts fresh (B = 0).
             model.add_adapter(CRITIC, copy.deepcopy(model.peft_config[POLICY]))
@@ -83,7 +96,8 @@ class ActorCritic(nn.Module):
                 # Training continues from a trained adapter: π_ref is that adapter, frozen.
                 model.load_adapter(cfg.lora.path, adapter_name=REFERENCE, is_trainable=False)
             hidden = loaded.model.config.get_text_config().hidden_size
-            ac = cls(model, None, None, ValueHead(hidden).to(loaded.device), loaded.tokenizer, layout)
+            engine = build_engine(cfg.engine, model, loaded.device, settings)
+            ac = cls(model, None, None, ValueHead(hidden).to(loaded.device), loaded.tokenizer, layout, engine, settings, autocast_dtype(autocast, loaded.device))
             ac.has_reference_adapter = cfg.lora.path is not None
             ac.base_path, ac.quantization = loaded.path.resolve(), cfg.quantization
             ac._set_adapter(POLICY)
@@ -96,72 +110,74 @@ class ActorCritic(nn.Module):
             critic = load_model(cfg, tokenizer=policy.tokenizer).model
             critic.get_output_embeddings().requires_grad_(False)  # the critic uses hidden states only
             hidden = policy.model.config.get_text_config().hidden_size
-            return cls(policy.model, critic, reference, ValueHead(hidden).to(policy.device), policy.tokenizer, layout)
+            engine = build_engine(cfg.engine, policy.model, policy.device, settings)
+            return cls(policy.model, critic, reference, ValueHead(hidden).to(policy.device), policy.tokenizer, layout, engine, settings, autocast_dtype(autocast, policy.device))
         raise ValueError(f"unknown layout {layout!r}; expected 'shared_lora' or 'separate'")
 
-    def attach_reward_model(self, path: str) -> Any | None:
-        """Load a LoRA reward model trained on this same base as a frozen `reward` adapter on the
-        shared base, and return it as a `RewardModel` (None where it can't share: another
-        layout, another base or quantization, or a fully fine-tuned reward model)."""
-        from policies.hub import resolve_model_path
-        from rewards.reward_model import AdapterRewardModel, load_reward_head, read_reward_model_meta
+    def can_host_adapter(self, base_path: Path, quantization: str, amp: torch.dtype | None) -> bool:
+        """Whether a LoRA adapter trained on the base at `base_path` (with this quantization, run
+        under this autocast dtype) can run as a frozen adapter on this model's shared base."""
+        return self.layout == "shared_lora" and quantization == self.quantization and Path(base_path).resolve() == self.base_path and amp == self.amp
 
-        meta = read_reward_model_meta(path)
-        if self.layout != "shared_lora" or not meta.lora or meta.quantization != self.quantization:
-            return None
-        if resolve_model_path(meta.base_model, meta.revision).resolve() != self.base_path:
-            return None
-        self.policy.load_adapter(f"{path}/adapter", adapter_name=REWARD, is_trainable=False)
-        head = load_reward_head(path, meta).to(self.device).requires_grad_(False)
-        return AdapterRewardModel(self.policy, head, self.tokenizer, meta, REWARD, self.adapter).eval()
+    def host_frozen_adapter(self, adapter_dir: str | Path, name: str = REWARD) -> Any:
+        """Load a frozen LoRA adapter (a reward model's, say) onto the shared base under `name`,
+        and return the peft model that carries it; run it inside `adapter(name)`."""
+        self.policy.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+        return self.policy
 
-    def init_critic_adapter_from_reward(self) -> int:
-        """Start the critic adapter as the attached reward adapter (same rank and scaling where
+    def init_critic_adapter_from(self, name: str = REWARD) -> int:
+        """Start the critic adapter as the hosted adapter `name` (same rank and scaling where
         both exist; the critic's other modules keep B = 0), so that with the value head copied
         from the reward head, V starts as the reward model itself, as OpenRLHF and TRL start
         their critic from the reward model. Returns the number of tensors copied."""
         params = dict(self.policy.named_parameters())
         copied = 0
         with torch.no_grad():
-            for name, p in params.items():
-                if f".{REWARD}." not in name:
+            for key, p in params.items():
+                if f".{name}." not in key:
                     continue
-                target = params.get(name.replace(f".{REWARD}.", f".{CRITIC}."))
+                target = params.get(key.replace(f".{name}.", f".{CRITIC}."))
                 if target is None or target.shape != p.shape:
-                    raise ValueError(f"the reward adapter does not fit the critic adapter at {name} (rank or shape differs)")
+                    raise ValueError(f"the {name} adapter does not fit the critic adapter at {key} (rank or shape differs)")
                 target.copy_(p)
                 copied += 1
         if not copied:
-            raise ValueError("no reward adapter attached to copy into the critic")
-        reward_cfg, critic_cfg = self.policy.peft_config[REWARD], self.policy.peft_config[CRITIC]
-        if (reward_cfg.r, reward_cfg.lora_alpha) != (critic_cfg.r, critic_cfg.lora_alpha):
-            raise ValueError("the critic adapter can start from the reward adapter only with the same r and alpha")
+            raise ValueError(f"no {name} adapter hosted to copy into the critic")
+        source_cfg, critic_cfg = self.policy.peft_config[name], self.policy.peft_config[CRITIC]
+        if (source_cfg.r, source_cfg.lora_alpha) != (critic_cfg.r, critic_cfg.lora_alpha):
+            raise ValueError(f"the critic adapter can start from the {name} adapter only with the same r and alpha")
         return copied
 
-    def store_frozen_in(self, dtype: torch.dtype | None, prepack: bool = False) -> None:
-        """shared_lora, unquantized: keep the frozen base's matmul weights in the autocast dtype
-        every forward runs under (same numbers, half the memory, no per-call cast), and stack
-        each layer's q/k/v and gate/up weights in memory (`stack_frozen_projections`). With
-        `prepack` (CPU), also keep them prepacked for the forward passes
-        (`prepack_frozen_projections`)."""
+    def prepare_frozen(self) -> None:
+        """Once every adapter is in place (a hosted reward adapter loads in full precision), lay
+        the frozen base out for the passes: shared_lora, unquantized, keep its matmul weights in
+        the autocast dtype every forward runs under (same numbers, half the memory, no per-call
+        cast), then let the engine arrange them (`Engine.prepare_frozen`)."""
         if self.layout != "shared_lora" or self.quantization != "none":
             return
-        if dtype is not None:
-            store_frozen_linears_in(self.policy, dtype)
+        if self.amp is not None:
+            store_frozen_linears_in(self.policy, self.amp)
             # The remaining frozen tensors (embeddings, norms) still view the memory-mapped
             # safetensors file, which keeps every page of the fp32 original resident; own copies
-            # let the mapping close (about 300 MB less resident for SmolLM2-135M).
+            # let the mapping close.
             for p in self.policy.parameters():
                 if not p.requires_grad and p.dtype == torch.float32:
                     p.data = p.data.clone()
-        # q/k/v and gate/up weights side by side in memory: one matmul per group (policies.packed)
-        stack_frozen_projections(self.policy)
-        if prepack:
-            prepack_frozen_projections(self.policy)
+        self.engine.prepare_frozen(self.policy)
 
     @property
     def device(self) -> torch.device:
         return self.value_head.linear.weight.device
+
+    def autocast(self) -> Any:
+        """The autocast context every pass of these models runs under."""
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def metrics(self) -> dict[str, float]:
+        """The engine's own measurements, and how many training forwards continued a prompt pass
+        kept from sampling since the last call (`generate`)."""
+        kept, self._kept_count = self._kept_count, 0
+        return self.engine.metrics() | {"engine/prompt_pass_reused": float(kept)}
 
     # --- adapters -----------------------------------------------------------------------------
     def _set_adapter(self, name: str) -> None:
@@ -171,7 +187,7 @@ class ActorCritic(nn.Module):
     def _keep_both_trainable(self) -> None:
         # peft's set_adapter (and re-enabling adapters after disable_adapter) flips requires_grad
         # so only the active adapter looks trainable; the optimizer holds both adapters' tensors
-        # regardless, and the joint pass trains both at once, so restore both.
+        # regardless, so restore both.
         for n, p in self.policy.named_parameters():
             if f".{POLICY}." in n or f".{CRITIC}." in n:
                 p.requires_grad_(True)
@@ -205,116 +221,86 @@ class ActorCritic(nn.Module):
                 self._keep_both_trainable()
 
     # --- forward pieces -----------------------------------------------------------------------
-    def _logits(self, model: Any, enc: Encoded) -> torch.Tensor:
-        """Logits at the positions that predict completion tokens, (B, C, V)."""
-        return completion_logits(model, enc.input_ids.to(self.device), enc.attention_mask.to(self.device), enc.prompt_width)
-
-    def _logprobs(self, model: Any, enc: Encoded, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._logprobs_of(self._logits(model, enc), enc.input_ids, enc.prompt_width, with_entropy)
-
     def _logprobs_of(self, logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         targets = input_ids[:, prompt_width:].to(self.device)
         # the entropy is a metric only (no entropy bonus): no graph, no backward through it
         return token_logprobs_and_entropy(logits, targets, self.temperature, with_entropy)
 
-    def _values(self, enc: Encoded) -> torch.Tensor:
-        ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        backbone = self.critic_backbone if self.layout == "separate" else self.policy
-        P = enc.prompt_width
-        hidden = final_hidden_states(backbone, ids, attn, read=completion_positions(ids.shape, P, ids.device))
-        return self.value_head(hidden[:, P - 1 : -1]).float()  # (B, C): state before each token
+    def _take_kept(self, input_ids: torch.Tensor, prompt_width: int) -> Any | None:
+        """The prompt pass kept by `generate`, if these rows are the rows it ran (same prompts,
+        same order); taken either way: it serves one forward, before the parameters change."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        ids, prompt = kept
+        rows = input_ids[:, :prompt_width]
+        return prompt if rows.shape == ids.shape and torch.equal(rows.to(ids.device), ids) else None
 
-    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, prompt: PromptPass | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy's log-probs (with gradients) and entropy (a metric, no graph), each (B, C).
-        With `prompt` (`generate_keeping_prompt_pass`, for these rows: `PromptPass.rows`), only
-        the completions run, continuing that pass."""
-        if prompt is not None:
-            with self.adapter(POLICY):
-                hidden = continued_hidden_states(self.policy, prompt, input_ids.to(self.device), attention_mask.to(self.device))
-                logits = unwrap_causal_lm(self.policy).get_output_embeddings()(hidden)
-            return self._logprobs_of(logits, input_ids, prompt_width, with_entropy=True)  # type: ignore[return-value]
-        enc = Encoded(input_ids, attention_mask, torch.zeros_like(input_ids), prompt_width)
+        Where `generate` kept its pass over these rows' prompts, only the completions run,
+        continuing it (the same log-probs up to rounding)."""
+        ids, attn = input_ids.to(self.device), attention_mask.to(self.device)
+        prompt = self._take_kept(ids, prompt_width)
         with self.adapter(POLICY):
-            logp, ent = self._logprobs(self.policy, enc, with_entropy=True)
+            if prompt is not None:
+                self._kept_count += 1
+                logits = self.engine.continued_logits(self.policy, prompt, ids, attn)
+            else:
+                logits = self.engine.completion_logits(self.policy, ids, attn, prompt_width)
+        logp, ent = self._logprobs_of(logits, ids, prompt_width, with_entropy=True)
         return logp, ent  # type: ignore[return-value]
 
     def critic_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-        """The critic's values V(x, y_<t) (B, C), with gradients."""
-        enc = Encoded(input_ids, attention_mask, torch.zeros_like(input_ids), prompt_width)
+        """The critic's values V(x, y_<t) (B, C): the state before each completion token, with gradients."""
+        ids, attn = input_ids.to(self.device), attention_mask.to(self.device)
+        backbone = self.critic_backbone if self.layout == "separate" else self.policy
         with self.adapter(CRITIC):
-            return self._values(enc)
+            hidden = self.engine.hidden_states(backbone, ids, attn, read=completion_positions(ids.shape, prompt_width, ids.device))
+        return self.value_head(hidden[:, prompt_width - 1 : -1]).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, joint: bool = False, prompt: PromptPass | None = None) -> ActorCriticOutput:
-        """Policy log-probs and entropy (policy adapter) and values (critic), with gradients. With
-        `joint` (where `can_run_jointly`), as one pass over the shared base for both; with
-        `prompt`, the policy continues that prompt pass (`policy_forward`)."""
-        if joint:
-            if prompt is not None:
-                raise ValueError("the joint pass runs the prompts itself; it can't continue a prompt pass")
-            return self._joint_forward(input_ids.to(self.device), attention_mask.to(self.device), prompt_width)
-        logp, ent = self.policy_forward(input_ids, attention_mask, prompt_width, prompt)
+    def critic_row_chunks(self, rows: int) -> list[torch.Tensor]:
+        """Row indices of a micro-batch in the chunks the critic runs in when its backward may
+        follow each chunk's forward (`engine.critic_chunks`): fewer activations alive at once."""
+        return list(torch.arange(rows).chunk(min(self.critic_chunks, rows)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> ActorCriticOutput:
+        """Policy log-probs and entropy (policy adapter) and values (critic), with gradients."""
+        logp, ent = self.policy_forward(input_ids, attention_mask, prompt_width)
         return ActorCriticOutput(logp, ent, self.critic_forward(input_ids, attention_mask, prompt_width))
 
-    def can_run_jointly(self, seq_len: int) -> bool:
-        """Whether the policy and the critic can run as one batched pass over their shared base
-        (`policies.packed.packed_hidden_states` with two adapter sets): shared_lora on a packable,
-        unquantized base whose adapters have the same shapes."""
-        return self.layout == "shared_lora" and can_run_jointly(self.policy, [[POLICY], [CRITIC]], seq_len)
-
-    def _joint_forward(self, ids: torch.Tensor, attn: torch.Tensor, P: int) -> ActorCriticOutput:
-        """`forward` as one pass of 2B rows: the batch under the policy adapter and under the
-        critic adapter, the same log-probs, entropy and values up to rounding."""
-        read = completion_positions(ids.shape, P, ids.device)
-        for_policy, for_critic = packed_hidden_states(self.policy, ids, attn, read=read, adapter_sets=[[POLICY], [CRITIC]])
-        logits = unwrap_causal_lm(self.policy).get_output_embeddings()(for_policy[:, P - 1 : -1])
-        logp, ent = self._logprobs_of(logits, ids, P, with_entropy=True)
-        return ActorCriticOutput(logp, ent, self.value_head(for_critic[:, P - 1 : -1]).float())  # type: ignore[arg-type]
-
     @torch.no_grad()
-    def reference_logprobs(self, enc: Encoded, split: bool = False) -> torch.Tensor:
-        """log π_ref of the completion tokens (B, C). With `split`, computed as the policy's
-        training forward is when it continues a kept prompt pass: a pass over the prompts, then
-        the completions (`prompt_pass`, `continued_hidden_states`). The same function; what
-        changes is which rows each matmul sees, and in bf16 that changes the rounding. Taking
-        both in one shape keeps a fresh policy's log-probs equal to the reference's, bit for
-        bit, so the first update's KL is exactly 0 and later ones carry no rounding offset."""
+    def reference_logprobs(self, enc: Encoded) -> torch.Tensor:
+        """log π_ref of the completion tokens (B, C). Where `generate` kept a prompt pass for these
+        rows, computed in the same split shape the policy's training forward will use (a pass
+        over the prompts, then the completions): the same function, but which rows each matmul
+        sees changes the rounding in bf16, and one shape on both sides keeps a fresh policy's
+        log-probs equal to the reference's bit for bit (the first update's KL exactly 0)."""
+        ids, attn, P = enc.input_ids.to(self.device), enc.attention_mask.to(self.device), enc.prompt_width
+        split = self._kept is not None and torch.equal(self._kept[0], ids[:, :P])
         with self.as_reference() as ref:
-            if not split:
-                return self._logprobs(ref, enc, with_entropy=False)[0]
-            ids, attn, P = enc.input_ids.to(self.device), enc.attention_mask.to(self.device), enc.prompt_width
-            hidden = continued_hidden_states(ref, prompt_pass(ref, ids[:, :P], attn[:, :P]), ids, attn)
-            logits = unwrap_causal_lm(ref).get_output_embeddings()(hidden)
+            if split:
+                logits = self.engine.continued_logits(ref, self.engine.prompt_pass(ref, ids[:, :P], attn[:, :P]), ids, attn)
+            else:
+                logits = self.engine.completion_logits(ref, ids, attn, P)
             return self._logprobs_of(logits, ids, P, with_entropy=False)[0]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Any, *, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-        """(B, P + C) prompts and the policy's sampled completions (policies.text.sample_tokens)."""
-        from policies.text import sample_tokens
-
-        with self.adapter(POLICY):
-            return sample_tokens(self.policy, input_ids.to(self.device), attention_mask.to(self.device), sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-
-    def can_keep_prompt_pass(self, prompt_width: int, sampling: Any) -> bool:
-        """Whether `generate_keeping_prompt_pass` can run: the padding-free sampler on the policy,
-        without activation checkpointing (whose point is not to keep a pass's activations)."""
-        from policies.text import can_sample_from_prompt_pass
-
-        layers = unwrap_causal_lm(self.policy).model.layers if can_pack(self.policy) else []
-        return can_sample_from_prompt_pass(self.policy, prompt_width, sampling) and not any(getattr(layer, "_rlhf_checkpointed", False) for layer in layers)
-
-    def generate_keeping_prompt_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Any, *, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, PromptPass]:
-        """`generate`, from a pass of the policy over the prompts that keeps its graph
-        (`policies.packed.prompt_pass`), returned with the samples: a training forward of the
-        policy with the same parameters continues it (`policy_forward(..., prompt=...)`)
-        instead of running the prompts again."""
-        from policies.text import sample_tokens
-
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Any, *, eos_token_id: int, pad_token_id: int, for_training: bool = False) -> torch.Tensor:
+        """(B, P + C): the prompts and the policy's sampled completions. `for_training`: the next
+        training forward of the policy runs these very rows with the present parameters (the
+        update's first step sees the whole batch), so where the engine can, the pass over the
+        prompts that sampling starts from keeps its graph and that forward continues it instead
+        of running the prompts again (`engine.keep_prompt_pass`)."""
         ids, attn = input_ids.to(self.device), attention_mask.to(self.device)
+        self._kept = None
         with self.adapter(POLICY):
-            with torch.enable_grad():
-                prompt = prompt_pass(self.policy, ids, attn)
-            out = sample_tokens(self.policy, ids, attn, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, prompt=prompt)
-        return out, prompt
+            if for_training and self.keep_prompt_pass and self.engine.can_keep_prompt_pass(self.policy, ids.shape[1], sampling):
+                with torch.enable_grad():
+                    prompt = self.engine.prompt_pass(self.policy, ids, attn)
+                self._kept = (ids, prompt)
+                return self.engine.sample(self.policy, ids, attn, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, prompt=prompt)
+            return self.engine.sample(self.policy, ids, attn, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
     # --- state --------------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -338,9 +324,3 @@ class ActorCritic(nn.Module):
             raise ValueError(f"{path}: only a linear reward head can initialise the value head (found {sorted(state)})")
         self.value_head.linear.weight.data.copy_(state["net.0.weight"])
         self.value_head.linear.bias.data.copy_(state["net.0.bias"])
-
-
-def dataclass_replace_lora(cfg: ModelConfig, **changes: Any) -> ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, **changes))

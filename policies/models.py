@@ -46,9 +46,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attn_implementation(name: str, device: torch.device) -> str:
-    """'auto' → eager on the CPU, sdpa elsewhere. On this project's 2-core CPU, torch 2.13's CPU
-    flash-attention kernel made a SmolLM2 LoRA training step 2.9 s against 2.2 s eager, and
-    32-token generation 2.9 s against 2.2 s (batch 8, ~110 tokens; docs/benchmarks.md)."""
+    """'auto' → eager on the CPU, sdpa elsewhere: at RLHF lengths torch's CPU flash-attention
+    kernel is slower than eager attention (docs/performance.md)."""
     if name != "auto":
         return name
     return "eager" if device.type == "cpu" else "sdpa"
@@ -208,47 +207,6 @@ def unwrap_causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def final_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool | str = False, read: torch.Tensor | None = None) -> torch.Tensor:
-    """Last-layer hidden states (B, T, D) of a causal LM (peft-wrapped or not), without running
-    its LM head; positions restart at each row's first real token (left padding). Llama-family
-    models run padding-free (policies.packed): padding positions then hold zeros, and with
-    `merge_weights` a pass without gradients runs on merged dense weights ("keep": kept on the
-    model for later passes while the weights stay unchanged, see packed_hidden_states). With
-    `read` (B, T) bool, only those positions are guaranteed: the packed path computes the last
-    layer's output projection and MLP for them alone (zeros elsewhere)."""
-    from policies.packed import can_pack, packed_hidden_states
-    from rlhf.core import position_ids
-
-    if can_pack(model, input_ids.shape[1]):
-        return packed_hidden_states(model, input_ids, attention_mask, merge_weights, read)
-    decoder = unwrap_causal_lm(model).base_model
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
-    return out.last_hidden_state
-
-
-def completion_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """Logits (B, C, V) at the positions P-1 … P+C-2 that predict the completion tokens of
-    (B, P + C) rows: only those positions go through the LM head (the (B, P, V) projection of
-    the prompt would be the largest tensor of the pass)."""
-    from policies.packed import can_pack
-    from rlhf.core import position_ids
-
-    C = input_ids.shape[1] - prompt_width
-    if can_pack(model, input_ids.shape[1]):
-        hidden = final_hidden_states(model, input_ids, attention_mask, read=completion_positions(input_ids.shape, prompt_width, input_ids.device))
-        return unwrap_causal_lm(model).get_output_embeddings()(hidden[:, prompt_width - 1 : -1])
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), logits_to_keep=C + 1, use_cache=False)
-    return out.logits[:, :-1]
-
-
-def completion_positions(shape: tuple[int, int], prompt_width: int, device: Any = None) -> torch.Tensor:
-    """(B, T) bool: the positions P-1 … T-2 whose hidden states predict (or value the states
-    before) the completion tokens of (B, P + C) rows."""
-    read = torch.zeros(shape, dtype=torch.bool, device=device)
-    read[:, prompt_width - 1 : -1] = True
-    return read
-
-
 def _linear_leaf_names(model: Any) -> list[str]:
     """Leaf names of the Linear layers inside the model's transformer blocks (what peft's
     'all-linear' selects): every nn.Linear (bitsandbytes layers subclass it) but the LM head."""
@@ -264,8 +222,8 @@ def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
     A frozen LM head tied to the input embeddings gets its own copy in `dtype` (the embeddings
     stay in full precision: they feed the residual stream, which autocast leaves in fp32).
-    Autocast caches no cast of a frozen weight, so a tied fp32 head was cast on every call:
-    32 ms against 6.5 ms for SmolLM2's 49152 × 576 head on a 16-row decoding step here."""
+    Autocast caches no cast of a frozen weight, so a tied fp32 head was cast on every call
+    (docs/performance.md)."""
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     cast = 0
@@ -284,8 +242,7 @@ def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where every parameter is a floating tensor on the CPU or a
-    GPU: the same update, one kernel instead of a loop of small ones (a step over SmolLM2's
-    policy + critic, 270M fp32 parameters, takes 0.11 s instead of 0.84 s on this project's CPU)."""
+    GPU: the same update, one kernel instead of a loop of small ones (docs/performance.md)."""
     groups = list(params)
     flat = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = bool(flat) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in flat)

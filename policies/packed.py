@@ -24,6 +24,8 @@ fall back to the transformers forward (`can_pack`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import math
 import sys
@@ -33,6 +35,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from policies.engine import HFEngine, completion_positions
 from policies.models import run_checkpointed, unwrap_causal_lm
 from rlhf.core import position_ids as positions_of
 
@@ -322,40 +325,27 @@ class _GatedDown(torch.autograd.Function):
             g_up = gate_up.detach().requires_grad_()
             gate, up = g_up.chunk(2, dim=-1)
             p = ctx.act(gate) * up
-        if a is not None and a.dim() == 2:
+        if a is not None:
             dxa = grad @ b
             db = grad.t() @ xa
             da = dxa.t() @ p.detach()
             dp = dp.addmm_(dxa, a)
-        elif a is not None:  # G groups of rows, each with its own factors (`_plus_low_rank`)
-            g = a.shape[0]
-            grad = grad.view(g, -1, grad.shape[-1])
-            dxa = torch.bmm(grad, b)
-            db = torch.bmm(grad.transpose(1, 2), xa)
-            da = torch.bmm(dxa.transpose(1, 2), p.detach().view(g, -1, p.shape[-1]))
-            dp.view(g, -1, dp.shape[-1]).baddbmm_(dxa, a)
         (d_gate_up,) = torch.autograd.grad(p, g_up, dp)
         return d_gate_up, None, None, da, db, None, None
 
 
 def _plus_low_rank(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(y + (x·Aᵀ)·Bᵀ, x·Aᵀ) for rows x (n, in) and y (n, out), the sum made by the matmul that
-    multiplies by B. Grouped factors, A (G, R, in) and B (G, out, R), apply to G equal blocks of
-    rows in order, block g by its own A_g and B_g (`joint` passes): one batched matmul each."""
-    if a.dim() == 2:
-        xa = F.linear(x, a)
-        return torch.addmm(y, xa, b.t()), xa
-    g = a.shape[0]
-    xa = torch.bmm(x.view(g, -1, x.shape[-1]), a.transpose(1, 2))
-    return torch.baddbmm(y.view(g, -1, y.shape[-1]), xa, b.transpose(1, 2)).view(y.shape), xa
+    multiplies by B."""
+    xa = F.linear(x, a)
+    return torch.addmm(y, xa, b.t()), xa
 
 
 @dataclass
 class Projection:
     """x ↦ x·Wᵀ + b + (x·Aᵀ)·Bᵀ for rows x (n, in): a frozen weight W (out, in), possibly the
     stacked weights of several projections, its bias, and optionally LoRA factors A (R, in) and
-    B (out, R), whose scales are folded into B, or G groups of them, A (G, R, in) and B (G, out, R),
-    for G equal blocks of rows (`_plus_low_rank`). The low-rank term is added by the same `addmm`
+    B (out, R), whose scales are folded into B. The low-rank term is added by the same `addmm`
     that multiplies by B, so the adapters of a projection cost two matmuls and no elementwise
     pass over the (n, out) output; peft's LoRA layer adds a scale, a sum and casts."""
 
@@ -443,21 +433,15 @@ class DenseLayer:
     gate_up: Projection
     down: Projection
 
-    @property
-    def adapted(self) -> bool:
-        """Whether any of the layer's projections carries adapter factors."""
-        return any(proj.a is not None for proj in (self.qkv, self.o, self.gate_up, self.down))
-
     def prepack(self, rows: int) -> None:
         """`Projection.prepack` each of the layer's four projections."""
         for proj in (self.qkv, self.o, self.gate_up, self.down):
             proj.prepack(rows)
 
 
-def _dense_parts(proj: Any, adapters: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
+def _dense_parts(proj: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
     """What `proj` applies as it stands, as a base weight (out, in), a bias, and the LoRA terms
-    (B, A, scale) of its active adapters (or, given `adapters`, of those named, active or not,
-    while adapters are enabled): the weight `proj` computes with is W + Σ s·B·A. None
+    (B, A, scale) of its active adapters: the weight `proj` computes with is W + Σ s·B·A. None
     where no such matrix is at hand: a quantized or otherwise non-Linear base layer, a LoRA
     variant (DoRA, ...), a LoRA bias, LoRA dropout in training mode, transposed (fan-in-fan-out)
     weights, or adapters merged into the base while disabled."""
@@ -475,7 +459,7 @@ def _dense_parts(proj: Any, adapters: list[str] | None = None) -> tuple[torch.Te
     if proj.disable_adapters:
         return base.weight, base.bias, []
     terms = []
-    for name in proj.active_adapters if adapters is None else adapters:
+    for name in proj.active_adapters:
         if name not in proj.lora_A:
             continue
         if name in getattr(proj, "lora_variant", {}) or getattr(proj, "lora_bias", {}).get(name, False):
@@ -528,53 +512,38 @@ def dense_layers(layers: Any, dtype: torch.dtype) -> list[DenseLayer] | None:
     return out
 
 
-def factored_layers(layers: Any, adapter_sets: list[list[str]] | None = None) -> list[DenseLayer] | None:
+def factored_layers(layers: Any) -> list[DenseLayer] | None:
     """Factored `DenseLayer`s (see there) for a pass with or without gradients, or None where
     the modules must run instead: a projection with no W + Σ s·B·A form (`_dense_parts`), a
     trainable base weight (full fine-tuning), or a group whose frozen weights are not stacked in
     memory (`stack_frozen_projections` has not run). The A and B stacks are built from the
-    adapters' own parameters on each call (a few small ops), so gradients reach them.
-    With `adapter_sets` (G lists of adapter names), each group's factors are those of every set,
-    stacked (A (G, R, in), B (G, out, R)) for a joint pass over G copies of a batch
-    (`packed_hidden_states`); None also where the sets' factors differ in shape."""
+    adapters' own parameters on each call (a few small ops), so gradients reach them."""
     out = []
     for layer in layers:
-        groups = _frozen_groups(layer, adapter_sets)
+        groups = _frozen_groups(layer)
         if groups is None:
             return None
         kept = getattr(layer, "_rlhf_prepacked", None) or {}
         projections = []
-        for i, (w, sets) in enumerate(groups):
-            factors = _stacked_factors(sets[0]) if len(sets) == 1 else _grouped([_stacked_factors(g) for g in sets])
+        for i, (w, parts) in enumerate(groups):
+            factors = _stacked_factors(parts)
             if factors is None:
                 return None
-            bias = _stacked_bias(sets[0])
+            bias = _stacked_bias(parts)
             projections.append(Projection(w, bias, *factors, *_kept_pack(kept.get(i), w, bias)))
         qkv, o, gate_up, down = projections
-        out.append(DenseLayer(qkv, tuple(w.shape[0] for w, _, _ in groups[0][1][0]), o, gate_up, down))
+        out.append(DenseLayer(qkv, tuple(w.shape[0] for w, _, _ in groups[0][1]), o, gate_up, down))
     return out
 
 
-def _grouped(factors: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-    """Several adapter sets' (A, B) for one group of projections as one (A (G, R, in), B (G, out,
-    R)); (None, None) where no set has an adapter there; None where they can't stack."""
-    if all(a is None for a, _ in factors):
-        return None, None
-    if any(a is None for a, _ in factors) or len({(a.shape, b.shape) for a, b in factors}) > 1:
-        return None
-    return torch.stack([a for a, _ in factors]), torch.stack([b for _, b in factors])
-
-
-def _frozen_groups(layer: Any, adapter_sets: list[list[str]] | None = None) -> list[tuple[torch.Tensor, list[list]]] | None:
+def _frozen_groups(layer: Any) -> list[tuple[torch.Tensor, list]] | None:
     """The layer's projection groups (`_groups`) as (frozen base weight of the group, one stacked
-    (Σ out, in) view; for each adapter set (one: the active adapters), each projection's
-    `_dense_parts`), or None where a projection has no dense form, a base weight trains, or a
-    group's weights are not stacked in memory."""
-    sets = [None] if adapter_sets is None else adapter_sets
-    found = [[[_dense_parts(p, names) for p in g] for names in sets] for g in _groups(layer)]
-    if any(f is None or f[0].requires_grad for g in found for s in g for f in s):
+    (Σ out, in) view; each projection's `_dense_parts`), or None where a projection has no dense
+    form, a base weight trains, or a group's weights are not stacked in memory."""
+    found = [[_dense_parts(p) for p in g] for g in _groups(layer)]
+    if any(f is None or f[0].requires_grad for g in found for f in g):
         return None
-    weights = [_stacked_view([w for w, _, _ in g[0]]) for g in found]
+    weights = [_stacked_view([w for w, _, _ in g]) for g in found]
     return None if any(w is None for w in weights) else list(zip(weights, found))
 
 
@@ -611,7 +580,7 @@ def prepack_frozen_projections(model: Any) -> int:
     count = 0
     for layer in _parts(model)[1]:
         kept = {}
-        for i, (w, (g,)) in enumerate(_frozen_groups(layer) or []):
+        for i, (w, g) in enumerate(_frozen_groups(layer) or []):
             if _can_prepack(w, _stacked_bias(g)):
                 kept[i] = (_weight_key(w), _packed(w, PASS_ROWS))
                 count += 1
@@ -699,9 +668,20 @@ def _normed(norm: Any, x: torch.Tensor) -> torch.Tensor:
     gradients, for a frozen fp32 RMSNorm weight without zeros, through `_RMSNormForMatmul`."""
     w, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     if (torch.is_grad_enabled() and x.requires_grad and w is not None and eps is not None and not w.requires_grad
-            and x.dtype == torch.float32 and w.dtype == torch.float32 and type(norm).__name__ in _RMS_NORMS and bool((w != 0).all())):
+            and x.dtype == torch.float32 and w.dtype == torch.float32 and type(norm).__name__ in _RMS_NORMS and _no_zeros(norm)):
         return _RMSNormForMatmul.apply(x, w, eps, _compute_dtype(x))
     return _amp_input(_rms_norm(norm, x))
+
+
+def _no_zeros(norm: Any) -> bool:
+    """Whether the norm's frozen weight has no zeros, checked once per weight value (a check per
+    call would be a host synchronisation per norm on a GPU)."""
+    w = norm.weight
+    key = _weight_key(w)
+    kept = norm.__dict__.get("_rlhf_no_zeros")
+    if kept is None or kept[0] != key:
+        kept = norm._rlhf_no_zeros = (key, bool((w != 0).all()))
+    return kept[1]
 
 
 class _RMSNormForMatmul(torch.autograd.Function):
@@ -767,7 +747,7 @@ def _packed_inputs(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.
     return index, x, _rotary(cos[0], sin[0]), mask
 
 
-def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool | str = False, read: torch.Tensor | None = None, adapter_sets: list[list[str]] | None = None) -> torch.Tensor:
+def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, merge_weights: bool | str = False, read: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states (B, T, D) of a packable decoder (`can_pack`), computed on the real
     tokens only; padding positions hold zeros. Positions restart at each row's first real token.
     With `read` (B, T) bool, only those positions are computed through the last layer's output
@@ -784,47 +764,26 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     once, prepacked, and kept on the model for the next passes while every weight they were
     made from is unchanged (`_kept_dense`). Any other pass runs on the factored layers where
     they exist (`factored_layers`: frozen stacked base weights, adapters as stacked low-rank
-    factors), else on the modules.
-    With `adapter_sets` (G lists of adapter names, `can_run_jointly`), G copies of the batch run
-    as one pass of G·B rows, copy g with the adapters of set g (grouped factors, `Projection`),
-    and the states come back as (G, B, T, D): the policy and the critic on one shared base in
-    one forward and one backward, each frozen matmul over twice the rows instead of twice, and
-    half the operator calls (the training step 3.9 → 3.7 s on the benchmark). Each copy's
-    states are those of a pass with its adapters alone, up to rounding."""
+    factors), else on the modules."""
     decoder, layers, attn_fn, rope = _parts(model)
     B, T = input_ids.shape
-    if adapter_sets is not None:
-        dense = factored_layers(layers, adapter_sets)
-        if dense is None:
-            raise ValueError("these adapters can't run as one pass (policies.packed.can_run_jointly)")
-    elif merge_weights and not torch.is_grad_enabled():
+    if merge_weights and not torch.is_grad_enabled():
         dense = _kept_dense(model, layers, input_ids.device) if merge_weights == "keep" else _dense_for(layers, input_ids.device)
     else:
         dense = factored_layers(layers)
     index, x, rot, mask = _packed_inputs(decoder, input_ids, attention_mask)
     topped_up = index.numel() > int(attention_mask.sum())  # padding positions among the rows (`_packed_index`)
     rows = None if read is None else read.reshape(-1).to(index.device)[index].nonzero().squeeze(-1)
-    G = 1 if adapter_sets is None else len(adapter_sets)
-    # The copies are the same until the first layer with adapters (LoRA on the top layers only):
-    # the layers below it run once, on one copy.
-    split = len(layers) if G == 1 else next((i for i, dl in enumerate(dense) if dl.adapted), len(layers))
     with _lora_inputs_as_given(model) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext():
         for i, (layer, dl) in enumerate(zip(layers, dense or [None] * len(layers))):
-            if G > 1 and i == split:
-                index, x, rot, mask, rows = _copies(G, B * T, index, x, rot, mask, rows)
-                attention_mask, B = attention_mask.repeat(G, 1), G * B
             args = (x, rot, index, B, T, mask, attn_fn, rope, None, dl, rows if i == len(layers) - 1 else None)
             if getattr(layer, "_rlhf_checkpointed", False) and torch.is_grad_enabled():
                 x = run_checkpointed(layer, functools.partial(_layer_forward, layer), *args)
             else:
                 x = _layer_forward(layer, *args)
-    if G > 1 and split == len(layers):  # no adapters anywhere: G copies of one result
-        index, x, rot, mask, rows = _copies(G, B * T, index, x, rot, mask, rows)
-        attention_mask, B = attention_mask.repeat(G, 1), G * B
     if rows is not None:
         index = index[rows]
-    out = _unpacked(_rms_norm(decoder.norm, x), index, attention_mask, topped_up)
-    return out if G == 1 else out.view(G, B // G, T, -1)
+    return _unpacked(_rms_norm(decoder.norm, x), index, attention_mask, topped_up)
 
 
 def _unpacked(x: torch.Tensor, index: torch.Tensor, attention_mask: torch.Tensor, topped_up: bool) -> torch.Tensor:
@@ -923,25 +882,6 @@ def continued_hidden_states(model: Any, prompt: PromptPass, input_ids: torch.Ten
             x = _layer_forward(layer, x, rot, index, B, C1, mask, attn_fn, rope, None, dl, None, (prompt.keys[i], prompt.values[i]))
     out = _unpacked(_rms_norm(decoder.norm, x), index, cm, index.numel() > int(cm.sum()))
     return torch.cat([first.to(out.dtype), out], dim=1)
-
-
-def _copies(G: int, BT: int, index: torch.Tensor, x: torch.Tensor, rot: Rotary, mask: torch.Tensor, rows: torch.Tensor | None) -> tuple[Any, ...]:
-    """`_packed_inputs` (and the read rows) of a batch of BT positions for G copies of it stacked
-    as one batch: copy g's positions follow copy g-1's, and its rows are the same packed rows."""
-    n = index.numel()
-    index = torch.cat([index + g * BT for g in range(G)])
-    rot = Rotary(*(t.repeat(G, *[1] * (t.dim() - 1)) for t in rot))
-    rows = None if rows is None else torch.cat([rows + g * n for g in range(G)])
-    return index, x.repeat(G, 1), rot, mask.repeat(G, 1, 1, 1), rows
-
-
-def can_run_jointly(model: Any, adapter_sets: list[list[str]], seq_len: int | None = None) -> bool:
-    """Whether `packed_hidden_states` can run these adapter sets as one pass: a packable model
-    whose every projection has a factored form with each set's factors of one shape."""
-    if not can_pack(model, seq_len):
-        return False
-    with torch.no_grad():
-        return factored_layers(_parts(model)[1], adapter_sets) is not None
 
 
 def _dense_for(layers: Any, device: torch.device) -> list[DenseLayer] | None:
@@ -1126,3 +1066,143 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
                 x = _decode_layer(layer, x, rot, Kb, Vb, P + t, dmask, attn_fn, rope, dl)
             logits = head(_rms_norm(decoder.norm, x)).float()
     return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine (policies.engine): the padding-free path where it applies, transformers' elsewhere
+# ----------------------------------------------------------------------------------------------
+
+
+class PackedEngine(HFEngine):
+    """The `packed` engine: Llama-family models run padding-free (`packed_hidden_states`,
+    `packed_generate`), on merged or factored matrices, prepacked for oneDNN on the CPU; any
+    other model, or a sequence longer than a sliding window, runs as `HFEngine` does. It can
+    also keep the policy's pass over the prompts from sampling for the first training forward
+    (`prompt_pass`, `continued_hidden_states`). Settings: `rlhf.config.EngineConfig`; the
+    measurements behind them: docs/performance.md."""
+
+    name = "packed"
+
+    def __init__(self, device: torch.device, merge_weights: bool = True, prepack_frozen: bool = True) -> None:
+        self.device = torch.device(device)
+        self.merge_weights = merge_weights
+        self.prepack_frozen = prepack_frozen
+
+    def hidden_states(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, read: torch.Tensor | None = None, frozen: bool = False) -> torch.Tensor:
+        if not can_pack(model, input_ids.shape[1]):
+            return super().hidden_states(model, input_ids, attention_mask, read=read, frozen=frozen)
+        # A frozen LoRA model's merged weights are a copy anyway: keep them (prepacked) for the
+        # next call; a frozen full model's are merged for the pass only.
+        merge: bool | str = False
+        if frozen and self.merge_weights:
+            merge = "keep" if hasattr(model, "disable_adapter") else True
+        return packed_hidden_states(model, input_ids, attention_mask, merge, read)
+
+    def completion_logits(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        if not can_pack(model, input_ids.shape[1]):
+            return super().completion_logits(model, input_ids, attention_mask, prompt_width)
+        hidden = packed_hidden_states(model, input_ids, attention_mask, read=completion_positions(input_ids.shape, prompt_width, input_ids.device))
+        return unwrap_causal_lm(model).get_output_embeddings()(hidden[:, prompt_width - 1 : -1])
+
+    @torch.no_grad()
+    def sample(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Any, *, eos_token_id: int, pad_token_id: int, prompt: PromptPass | None = None) -> torch.Tensor:
+        """`Engine.sample`; with `prompt` (`prompt_pass` of these prompts), sampling starts from
+        it instead of a prefill of its own."""
+        if not can_pack(model, input_ids.shape[1] + sampling.max_new_tokens):
+            if prompt is not None:
+                raise ValueError("a kept prompt pass needs the padding-free sampler (can_keep_prompt_pass)")
+            return super().sample(model, input_ids, attention_mask, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        return packed_generate(model, input_ids, attention_mask, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                               top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                               merge_weights=self.merge_weights, prompt=prompt)
+
+    def prepare_frozen(self, model: Any) -> None:
+        """Stack each layer's frozen q/k/v and gate/up weights in memory (one matmul per group),
+        and on the CPU with `prepack_frozen` keep them prepacked too."""
+        stack_frozen_projections(model)
+        if self.prepack_frozen and self.device.type == "cpu":
+            prepack_frozen_projections(model)
+
+    def can_keep_prompt_pass(self, model: Any, prompt_width: int, sampling: Any) -> bool:
+        """The padding-free sampler runs here, without activation checkpointing (whose point is
+        not to keep a pass's activations)."""
+        if not can_pack(model, prompt_width + sampling.max_new_tokens):
+            return False
+        return not any(getattr(layer, "_rlhf_checkpointed", False) for layer in _parts(model)[1])
+
+    def prompt_pass(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptPass:
+        return prompt_pass(model, input_ids, attention_mask)
+
+    def continued_logits(self, model: Any, prompt: PromptPass, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`completion_logits` of rows whose prompts `prompt` ran (`continued_hidden_states`)."""
+        hidden = continued_hidden_states(model, prompt, input_ids, attention_mask)
+        return unwrap_causal_lm(model).get_output_embeddings()(hidden)
+
+    def metrics(self) -> dict[str, float]:
+        return heap_metrics() if self.device.type == "cpu" else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU process: allocator and oneDNN settings, heap metrics (glibc on Linux only)
+# ----------------------------------------------------------------------------------------------
+
+
+def configure_cpu_process() -> None:
+    """Settings for a process that runs the packed engine on the CPU; called once, when the
+    engine is built (never at import).
+
+    - oneDNN keeps every matmul primitive it has made, keyed by shapes, up to 1,024, each with
+      its own buffers; RLHF passes change length from batch to batch, so the cache (and the
+      heap) kept growing. Capped at 64 (docs/performance.md). It takes effect only where it is
+      set before torch's first CPU matmul; a value the user set wins.
+    - glibc keeps freed blocks in the heap (`keep_freed_memory`)."""
+    import os
+
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed blocks (up to its 32 MiB mmap ceiling) in the heap
+    instead of returning them to the OS: a training step frees and re-allocates the same
+    activation buffers every step, and with the default thresholds each comes back as fresh
+    pages that fault in and get zeroed again (docs/performance.md). No-op where libc isn't glibc."""
+    try:
+        mallopt = _libc().mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2() -> Any:
+    try:
+        fn = _libc().mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+def heap_metrics() -> dict[str, float]:
+    """The process's heap as glibc's allocator sees it, in MiB: `memory/heap_in_use_mib`, the
+    bytes in live allocations (large mmapped blocks included), and `memory/heap_free_mib`, the
+    freed bytes it keeps (`keep_freed_memory`). A live heap that grows from update to update is
+    a leak or an unbounded cache; the free part is what fragmentation costs on top. Empty where
+    libc isn't glibc 2.33 or newer."""
+    fn = _mallinfo2()
+    if fn is None:
+        return {}
+    info = fn()
+    return {"memory/heap_in_use_mib": (info.uordblks + info.hblkhd) / 2**20, "memory/heap_free_mib": info.fordblks / 2**20}

@@ -14,8 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from policies.models import completion_logits
-from policies.packed import PromptPass, can_pack, packed_generate
+from policies.engine import Engine
 from rlhf.config import SamplingConfig
 from rlhf.core import masked_sum, token_logprobs, truncate_after_eos
 from rlhf.data import Prompt
@@ -83,12 +82,12 @@ def encode_completions(
 
 
 @torch.no_grad()
-def sequence_logprob(model: Any, enc: Encoded, temperature: float = 1.0) -> torch.Tensor:
+def sequence_logprob(engine: Engine, model: Any, enc: Encoded, temperature: float = 1.0) -> torch.Tensor:
     """Σ_t log π(y_t | x, y_<t) over completion tokens. Returns (B,) float32."""
     device = next(model.parameters()).device
     ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)
     width = ids.shape[1] - enc.prompt_width
-    logits = completion_logits(model, ids, attn, enc.prompt_width)  # (B, C, V)
+    logits = engine.completion_logits(model, ids, attn, enc.prompt_width)  # (B, C, V)
     targets = ids[:, -width:]  # (B, C)
     lp = token_logprobs(logits, targets, temperature)  # (B, C)
     return masked_sum(lp, enc.completion_mask[:, -width:].to(device))
@@ -104,40 +103,7 @@ class Generation:
     texts: list[str]  # decoded completions, special tokens removed
 
 
-@torch.no_grad()
-def sample_tokens(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig, *, eos_token_id: int, pad_token_id: int, prompt: PromptPass | None = None) -> torch.Tensor:
-    """Completions for left-padded prompt rows: (B, P + C) prompt then sampled tokens, padding
-    after each row's EOS. Llama-family models take the padding-free sampler
-    (policies.packed.packed_generate), others transformers' `generate`; both sample from
-    softmax(logits / temperature) after top-k / top-p, or take the argmax at temperature 0.
-    With `prompt` (`policies.packed.prompt_pass` of these prompts), the padding-free sampler
-    starts from it instead of prefilling (`can_sample_from_prompt_pass`)."""
-    if cfg.engine == "auto" and can_pack(model, input_ids.shape[1] + cfg.max_new_tokens):
-        return packed_generate(model, input_ids, attention_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                               merge_weights=cfg.merge_weights, prompt=prompt)
-    if prompt is not None:
-        raise ValueError("a prompt pass needs the padding-free sampler (sampling.engine 'auto' on a packable model)")
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.temperature > 0,
-        temperature=cfg.temperature if cfg.temperature > 0 else None,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-
-
-def can_sample_from_prompt_pass(model: Any, prompt_width: int, cfg: SamplingConfig) -> bool:
-    """Whether `sample_tokens` runs the padding-free sampler here, which can start from a
-    `PromptPass`."""
-    return cfg.engine == "auto" and can_pack(model, prompt_width + cfg.max_new_tokens)
-
-
-def generate(model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingConfig) -> Generation:
+def generate(engine: Engine, model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingConfig) -> Generation:
     """Sample one completion per prompt. top_k=0 and top_p=1 leave the distribution untouched,
     so PPO's log-probs (computed with the same temperature) are those of the sampling policy."""
     device = next(model.parameters()).device
@@ -145,7 +111,7 @@ def generate(model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingCon
     if tok.padding_side != "left":
         raise ValueError("generation needs a left-padding tokenizer (policies.tokenizers.load_tokenizer)")
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    out = sample_tokens(model, ids, attn, cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = engine.sample(model, ids, attn, cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     completion = out[:, ids.shape[1] :]
     completion, mask, finished = truncate_after_eos(completion, tok.eos_token_id, tok.pad_token_id)
     texts = tok.batch_decode(completion, skip_special_tokens=True)

@@ -65,6 +65,11 @@ class RewardProvider(ABC):
     def close(self) -> None:
         """Release resources (models, connections). Optional."""
 
+    def shared_adapter(self) -> str | None:
+        """The name of the frozen adapter this provider runs on the policy's shared base (given
+        as `host` when it was built), or None where it runs models of its own."""
+        return None
+
     # TRL integration -------------------------------------------------------------------
     @property
     def __name__(self) -> str:  # TRL logs each reward function under its __name__

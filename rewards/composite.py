@@ -1,8 +1,9 @@
 """Providers made of providers: a weighted sum, and an ensemble with a conservative aggregate.
 
 Composites take providers that are already built; building members from config is the
-registry's job (`rewards.registry.build_provider` recurses), so this module never imports a
-concrete provider and a composite can hold any provider, including another composite.
+registry's job (`rewards.registry` holds their configs, and `build_provider` recurses), so this
+module never imports a concrete provider and a composite can hold any provider, including
+another composite.
 
 Both composites report every member's reward in `extras["{i}:{name}/reward"]` and pass each
 member's own extras through as `extras["{i}:{name}/{key}"]`; the index prefix keeps two
@@ -14,62 +15,18 @@ the combination undefined, and silently treating it as 0 would bias the sum (or 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from rewards.base import RewardProvider, RewardResult
-from rlhf.config import ConfigError, doc, required
 from rlhf.data import Prompt
-
-if TYPE_CHECKING:
-    # At run time `rewards.registry` binds `RewardConfig` into this module's globals right after
-    # defining the union (which contains the configs below, hence the cycle), so that
-    # `typing.get_type_hints` resolves the "RewardConfig" annotations here.
-    from rewards.registry import RewardConfig
 
 Aggregate = Literal["mean", "min", "mean_minus_std"]
 
 
-# ------------------------------------------------------------------------------ configs
-
-
-@dataclass(frozen=True)
-class WeightedTerm:
-    provider: RewardConfig = required("a reward spec: a mapping with a 'type' key (bt, grm, function, sum, ensemble)")
-    weight: float = doc(1.0, "w_i in r = Σ_i w_i r_i")
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.weight):
-            raise ConfigError(f"sum reward weight must be finite, got {self.weight}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SumRewardConfig:
-    type: Literal["sum"] = doc("sum", "weighted sum r = Σ_i w_i r_i of other providers")
-    terms: tuple[WeightedTerm, ...] = required("the terms: a list of {provider: <spec>, weight: w}")
-    name: str | None = doc(None, "name in logs; default 'sum'")
-
-    def __post_init__(self) -> None:
-        if not self.terms:
-            raise ConfigError("sum reward needs at least one term")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EnsembleRewardConfig:
-    type: Literal["ensemble"] = doc("ensemble", "ensemble of providers scored with one aggregate")
-    members: tuple[RewardConfig, ...] = required("the member specs (usually reward models trained with different seeds)")
-    aggregate: Aggregate = doc("mean", "mean; min (worst case); mean_minus_std: mean − k·std (population std)")
-    k: float = doc(1.0, "k in mean − k·std (only used by mean_minus_std)")
-    name: str | None = doc(None, "name in logs; default 'ensemble'")
-
-    def __post_init__(self) -> None:
-        _check_ensemble(len(self.members), self.aggregate, self.k, ConfigError)
-
-
-def _check_ensemble(n: int, aggregate: str, k: float, error: type[Exception]) -> None:
+def check_ensemble(n: int, aggregate: str, k: float, error: type[Exception]) -> None:
     if n < 1:
         raise error("ensemble reward needs at least one member")
     if aggregate not in _AGGREGATES:
@@ -176,7 +133,7 @@ class EnsembleReward(RewardProvider):
     name = "ensemble"
 
     def __init__(self, members: Sequence[RewardProvider], aggregate: Aggregate = "mean", k: float = 1.0):
-        _check_ensemble(len(members), aggregate, k, ValueError)
+        check_ensemble(len(members), aggregate, k, ValueError)
         self.members = list(members)
         self.aggregate = aggregate
         self.k = float(k)

@@ -22,7 +22,10 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from policies.models import autocast, autocast_dtype, final_hidden_states, load_model, unwrap_causal_lm
+from policies.engine import Engine
+from policies.engine_choice import build_engine
+from policies.hub import resolve_model_path
+from policies.models import autocast, autocast_dtype, load_model, unwrap_causal_lm
 from policies.text import Encoded, encode_completions, render_prompt
 from rewards.base import RewardProvider, RewardResult
 from rlhf.config import LoraConfig, ModelConfig, doc
@@ -89,12 +92,13 @@ class RewardModelMeta:
 class RewardModel(nn.Module):
     """Backbone (possibly peft-wrapped) + reward head + the tokenizer that goes with them."""
 
-    def __init__(self, lm: Any, head: RewardHead, tokenizer: Any, meta: RewardModelMeta) -> None:
+    def __init__(self, lm: Any, head: RewardHead, tokenizer: Any, meta: RewardModelMeta, engine: Engine) -> None:
         super().__init__()
         self.lm = lm
         self.head = head
         self.tokenizer = tokenizer
         self.meta = meta
+        self.engine = engine  # how the backbone runs (policies.engine)
         self._frozen_reference: Any = None  # full fine-tuning's DPO reference, made on demand
         # GRM regularizes the hidden states through a fixed LM head. With tied embeddings (SmolLM2)
         # this also freezes the input embeddings under full fine-tuning; LoRA never trains them.
@@ -119,11 +123,11 @@ class RewardModel(nn.Module):
         return self.head.bias.device
 
     # --- forward pieces ----------------------------------------------------------------------
-    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False, read: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, enc: Encoded, model: Any | None = None, read: torch.Tensor | None = None, frozen: bool = False) -> torch.Tensor:
         """Final hidden states (B, T, D) of the encoded rows (of `model`, default the backbone);
-        `merge_weights` and `read`: see policies.models.final_hidden_states."""
+        `read` and `frozen`: see policies.engine.Engine.hidden_states."""
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        return final_hidden_states(self.lm if model is None else model, ids, attn, merge_weights, read)
+        return self.engine.hidden_states(self.lm if model is None else model, ids, attn, read=read, frozen=frozen)
 
     def rewards_from_hidden(self, hidden: torch.Tensor, enc: Encoded) -> torch.Tensor:
         """r(x, y) (B,) float32 from the hidden state of each row's last real token."""
@@ -158,12 +162,12 @@ class RewardModel(nn.Module):
         if not self.is_peft and self._frozen_reference is None:
             self._frozen_reference = copy.deepcopy(self.causal_lm).eval().requires_grad_(False)
 
-    def forward(self, enc: Encoded, merge_weights: bool | str = False) -> torch.Tensor:
+    def forward(self, enc: Encoded, frozen: bool = False) -> torch.Tensor:
         # the head reads each row's last real token: the last layer's MLP runs for those alone
         attn = enc.attention_mask.to(self.device)
         read = torch.zeros(attn.shape, dtype=torch.bool, device=self.device)
         read[torch.arange(attn.shape[0], device=self.device), last_token_index(attn)] = True
-        return self.rewards_from_hidden(self.hidden_states(enc, merge_weights=merge_weights, read=read), enc)
+        return self.rewards_from_hidden(self.hidden_states(enc, read=read, frozen=frozen), enc)
 
     # --- text → tensors ------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> Encoded:
@@ -222,7 +226,8 @@ def new_reward_model(
         trust_remote_code=model_cfg.trust_remote_code,
         revision=model_cfg.revision,
     )
-    return RewardModel(loaded.model, RewardHead(hidden, head).to(loaded.device), loaded.tokenizer, meta)
+    engine = build_engine(model_cfg.engine, loaded.model, loaded.device)
+    return RewardModel(loaded.model, RewardHead(hidden, head).to(loaded.device), loaded.tokenizer, meta, engine)
 
 
 def read_reward_model_meta(path: str | Path) -> RewardModelMeta:
@@ -265,7 +270,8 @@ def load_reward_model(path: str | Path, *, device: str = "auto", trainable: bool
             device=device, trust_remote_code=meta.trust_remote_code,
         )
     loaded = load_model(cfg)
-    rm = RewardModel(loaded.model, load_reward_head(path, meta).to(loaded.device), loaded.tokenizer, meta)
+    engine = build_engine(cfg.engine, loaded.model, loaded.device)
+    rm = RewardModel(loaded.model, load_reward_head(path, meta).to(loaded.device), loaded.tokenizer, meta, engine)
     rm.eval()
     if not trainable:
         rm.requires_grad_(False)
@@ -278,14 +284,14 @@ class AdapterRewardModel(RewardModel):
     reference, critic and reward. `use_adapter(name)` is a context manager that activates the
     adapter and restores the previous one."""
 
-    def __init__(self, lm: Any, head: RewardHead, tokenizer: Any, meta: RewardModelMeta, adapter_name: str, use_adapter: Any) -> None:
-        super().__init__(lm, head, tokenizer, meta)
+    def __init__(self, lm: Any, head: RewardHead, tokenizer: Any, meta: RewardModelMeta, engine: Engine, adapter_name: str, use_adapter: Any) -> None:
+        super().__init__(lm, head, tokenizer, meta, engine)
         self.adapter_name = adapter_name
         self._use_adapter = use_adapter
 
-    def hidden_states(self, enc: Encoded, model: Any | None = None, merge_weights: bool | str = False, read: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, enc: Encoded, model: Any | None = None, read: torch.Tensor | None = None, frozen: bool = False) -> torch.Tensor:
         with self._use_adapter(self.adapter_name):
-            return super().hidden_states(enc, model, merge_weights, read)
+            return super().hidden_states(enc, model, read, frozen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,15 +330,27 @@ class RewardModelProvider(RewardProvider):
             idx = order[start : start + self.batch_size]
             enc = self.model.encode([prompts[i] for i in idx], [completions[i] for i in idx])
             with autocast(self.model.device, self.amp):
-                # a frozen model: its adapter merged into dense weights (rounding-level differences
-                # from the training-time forward, fewer operators), kept prepacked between batches
-                # and calls where a LoRA model's merged weights are a copy anyway
-                rewards[idx] = self.model(enc, merge_weights="keep" if self.model.is_peft else True).float().cpu()
+                # a frozen model: the engine may cache work between batches and calls
+                rewards[idx] = self.model(enc, frozen=True).float().cpu()
         return RewardResult(rewards, torch.ones(n, dtype=torch.bool))
 
+    def shared_adapter(self) -> str | None:
+        return getattr(self.model, "adapter_name", None)
 
-def load_reward_model_provider(cfg: RewardModelProviderConfig) -> RewardModelProvider:
+
+def load_reward_model_provider(cfg: RewardModelProviderConfig, host: Any = None) -> RewardModelProvider:
+    """The provider for a saved reward model. With `host` (`ActorCritic`): a LoRA reward model
+    trained on the host's own base (same quantization, same autocast, same device) runs as a
+    frozen `reward` adapter on that base, so no second copy of the base is loaded."""
     if not cfg.path:
         raise ValueError(f"a '{cfg.type}' reward provider needs `path`: a directory written by `rlhf train-rm`")
+    if host is not None and cfg.device in ("auto", host.device.type):
+        meta = read_reward_model_meta(cfg.path)
+        base = resolve_model_path(meta.base_model, meta.revision)
+        if meta.lora and host.can_host_adapter(base, meta.quantization, autocast_dtype(cfg.autocast, host.device)):
+            lm = host.host_frozen_adapter(Path(cfg.path) / "adapter", "reward")
+            head = load_reward_head(cfg.path, meta).to(host.device).requires_grad_(False)
+            rm = AdapterRewardModel(lm, head, host.tokenizer, meta, host.engine, "reward", host.adapter).eval()
+            return RewardModelProvider(rm, batch_size=cfg.batch_size, autocast_mode=cfg.autocast, name=cfg.name or cfg.type)
     rm = load_reward_model(cfg.path, device=cfg.device)
     return RewardModelProvider(rm, batch_size=cfg.batch_size, autocast_mode=cfg.autocast, name=cfg.name or cfg.type)

@@ -85,7 +85,9 @@ class ModelConfig:
     revision: str | None = doc(None, "hub revision (branch, tag or commit) when `name` is a hub id")
     gradient_checkpointing: bool = doc(False, "recompute each layer's activations in the backward pass: far less memory, about one more forward of compute")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = doc(
-        "auto", "attention kernel; 'auto': eager on the CPU (faster than torch's CPU flash kernel at RLHF lengths), sdpa on a GPU")
+        "auto", "attention kernel; 'auto': eager on the CPU (faster than torch's CPU flash kernel at RLHF lengths, docs/performance.md), sdpa on a GPU")
+    engine: Literal["auto", "hf", "packed"] = doc(
+        "auto", "how the model runs (policies.engine): 'hf' transformers' forward and generate; 'packed' the padding-free CPU path for Llama-family models; 'auto' packed for those on the CPU, else hf")
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,6 @@ class SamplingConfig:
     temperature: float = doc(0.7, "sampling temperature (0 = greedy); log-probs are always recomputed at this temperature")
     top_k: int = doc(0, "top-k filter; 0 disables it so samples come from the full policy distribution")
     top_p: float = doc(1.0, "nucleus filter; 1.0 disables it")
-    engine: Literal["auto", "transformers"] = doc("auto", "'auto': the padding-free sampler for Llama-family models (policies.packed), else transformers' generate; 'transformers': always generate")
-    merge_weights: bool = doc(True, "padding-free sampler: sample from one merged copy of the matmul weights (LoRA merged in, q/k/v and gate/up stacked; 212 MB for SmolLM2-135M in bf16, held while sampling) instead of running every adapter; quantized layers always run as modules")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -120,6 +120,21 @@ class SamplingConfig:
                 f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
                 f"got {self.temperature}, {self.top_p}, {self.top_k}"
             )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Tuning of how the models run, apart from what the algorithm computes: the same losses and
+    samples whatever is set here (docs/performance.md has the measurements behind the defaults)."""
+
+    critic_chunks: int | None = doc(None, "one process: row chunks the critic's forward and backward run in, after the policy's, so the two graphs never coexist in full (null: 1 for shared_lora, 4 for separate full models)")
+    keep_prompt_pass: bool | None = doc(None, "packed engine: on the fused first step, keep the policy's pass over the prompts from sampling and continue it in the training forward (null: on for shared_lora)")
+    prepack_frozen: bool = doc(True, "packed engine, shared_lora: keep the frozen base's matmul weights in oneDNN's blocked layout too (faster matmuls, one more copy of the base)")
+    merge_weights: bool = doc(True, "packed engine: sample and score from one merged copy of the matmul weights (LoRA merged in) instead of running every adapter")
+
+    def __post_init__(self) -> None:
+        if self.critic_chunks is not None and self.critic_chunks < 1:
+            raise ConfigError(f"engine.critic_chunks must be at least 1, got {self.critic_chunks}")
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from policies.engine_choice import build_engine
 from policies.models import load_model
 from policies.text import encode_completions, generate, render_prompt, sequence_logprob
 from rlhf.core import pairwise_accuracy
@@ -45,6 +46,7 @@ def run(cfg: LikelihoodDemoConfig) -> dict:
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg.run_dir, to_dict(cfg))
     loaded = load_model(cfg.model)
+    engine = build_engine(cfg.model.engine, loaded.model, loaded.device)
     model, tok = loaded.model, loaded.tokenizer
     print(f"model: {cfg.model.name} from {loaded.path} on {loaded.device} ({time.time() - t0:.1f}s)")
 
@@ -55,7 +57,7 @@ def run(cfg: LikelihoodDemoConfig) -> dict:
     prompts = [render_prompt(tok, p.prompt) for p in pairs[: cfg.num_prompts]]
     samples = []
     for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="generate", unit="batch"):
-        gen = generate(model, tok, prompts[i : i + cfg.batch_size], cfg.sampling)
+        gen = generate(engine, model, tok, prompts[i : i + cfg.batch_size], cfg.sampling)
         for j, text in enumerate(gen.texts):
             samples.append(
                 {
@@ -81,7 +83,7 @@ def run(cfg: LikelihoodDemoConfig) -> dict:
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 max_completion_tokens=cfg.max_completion_tokens,
             )
-            lp[side] = sequence_logprob(model, enc)
+            lp[side] = sequence_logprob(engine, model, enc)
             n[side] = enc.completion_mask.sum(-1).clamp_min(1)
         for j, p in enumerate(batch):
             rows.append(

@@ -1,16 +1,20 @@
 """`rlhf ppo`: PPO for language models with a learned critic, against any reward provider.
 
-Each update: rollout (sample completions) → score (reward provider) → advantages (per-token
-KL penalty, score at the last token, GAE) → several epochs of clipped PPO on minibatches.
-The choices follow "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024) and
-Ouyang et al. 2022; each is commented where it is made. The loop runs unchanged under
-`accelerate launch` (DDP over processes; each process takes its own prompts).
+Each update, top to bottom: `collect_rollout` (sample completions, score them with the reward
+provider, take the reference's log-probs) → `experience` (per-token KL penalty, score at the
+last token, GAE advantages) → `ppo_update` (epochs of clipped PPO on minibatches, one
+`ppo_loss` for every step) → KL controller and metrics. The choices follow "The N+
+Implementation Details of RLHF with PPO" (Huang et al. 2024) and Ouyang et al. 2022; each is
+commented where it is made. The loop runs unchanged under `accelerate launch` (DDP over
+processes; each process takes its own prompts). How the models run (engine, memory tuning) is
+`ActorCritic`'s business, set by the recipe's `model.engine` and `engine:` keys.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import random
 import time
@@ -22,30 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from policies.actor_critic import ActorCritic
-from policies.models import adamw, autocast, autocast_dtype
-from policies.packed import PromptPass
+from policies.models import adamw
 from policies.text import Encoded, render_prompt
-from rewards.base import RewardProvider
+from rewards.base import RewardProvider, RewardResult
 from rewards.registry import RewardConfig, build_provider
-from rewards.reward_model import RewardModelProvider, RewardModelProviderConfig
-from rlhf.config import DataConfig, LoraConfig, ModelConfig, SamplingConfig, doc, required, to_dict
 from rlhf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf.core import (
-    AdaptiveKLController,
-    clipped_value_loss,
-    explained_variance,
-    gae,
-    kl_penalty,
-    masked_mean,
-    per_token_rewards,
-    ppo_policy_loss,
-    truncate_after_eos,
-    whiten,
-)
+from rlhf.config import ConfigError, DataConfig, EngineConfig, LoraConfig, ModelConfig, SamplingConfig, doc, required, to_dict
+from rlhf.core import AdaptiveKLController, clipped_value_loss, gae, kl_penalty, per_token_rewards, ppo_loss, truncate_after_eos, whiten
 from rlhf.data import PromptRecord, load_split
 from rlhf.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from rlhf.plots import plot_metrics
-from rlhf.runs import heap_metrics, keep_freed_memory, prepare_run_dir
+from rlhf.runs import prepare_run_dir
 from rlhf.tracking import Tracker, TrackerName
 
 
@@ -90,12 +81,8 @@ class PPOConfig:
     clip: float = doc(0.2, "policy ratio clip ε")
     value_clip: float = doc(0.2, "value clip ε_V")
     vf_coef: float = doc(0.1, "value-loss weight")
-    sequential_backward: bool = doc(True, "one process: backpropagate the policy, then the critic in `critic_chunks` row chunks, so their activation graphs never coexist in full (same gradients, less peak memory)")
-    critic_chunks: int | None = doc(None, "with sequential_backward: row chunks the critic's forward and backward run in (null: 1 for shared_lora, whose graphs are small, 4 for separate full models)")
-    joint_forward: bool = doc(False, "shared_lora, unquantized: run the policy and the critic as one batched pass over the shared base (each half of the rows with its adapter) wherever their graphs coexist anyway: under DDP, without sequential_backward, and on the fused first step with critic_chunks 1. Same gradients up to rounding and about 0.2 s (5%) off the benchmark's training step, but 0.2-0.4 GB more peak RSS there (the allocator's heap fragments around the twice-as-large buffers), so off by default")
-    keep_prompt_pass: bool | None = doc(None, "one process, fused first step (one minibatch, no accumulation), padding-free sampler, no activation checkpointing: the policy's pass over the prompts that sampling starts from keeps its graph, and the first training forward continues it over the completions instead of running the prompts again (same log-probs and gradients up to rounding). null: on for shared_lora (0.2-0.4 s less per update on the benchmark, same peak), off for separate full models (there the kept fp32 graph added 350 MB to the peak, and the pass runs slower than the sampler's prepacked prefill, for no clear gain)")
     autocast: Literal["auto", "bfloat16", "none"] = doc("auto", "bf16 autocast where the hardware has fast bf16")
-    prepack_frozen: bool = doc(True, "shared_lora on CPU: keep a copy of the frozen base's matmul weights in oneDNN's blocked layout for the forward passes (12% faster matmuls, one more copy of the base: 212 MB for SmolLM2-135M in bf16)")
+    engine: EngineConfig = doc(EngineConfig(), "how the models run: speed and memory only, never the results (docs/performance.md)")
     seed: int = doc(0, "random seed")
     output_dir: str = doc("runs/ppo", "run directory")
     tracker: TrackerName = doc("none", "metrics.jsonl always; plus 'tensorboard' or 'wandb'")
@@ -105,67 +92,15 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size % (self.num_minibatches * self.grad_accum_steps):
-            raise ValueError("batch_size must be divisible by num_minibatches × grad_accum_steps")
-        if self.critic_chunks is not None and self.critic_chunks < 1:
-            raise ValueError(f"critic_chunks must be at least 1, got {self.critic_chunks}")
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by num_minibatches × grad_accum_steps ({self.num_minibatches} × {self.grad_accum_steps})")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
+            raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
         if self.eval_samples_per_prompt < 1:
-            raise ValueError(f"eval_samples_per_prompt must be at least 1, got {self.eval_samples_per_prompt}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Rollout
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """One batch of experience (OpenRLHF's `Experience`). C = completion width.
-
-    `logprobs`, `values`, `advantages` and `returns` need π_old and V_old. `collect_rollout`
-    fills them from a no-grad forward, or leaves them None for `ppo_update` to fill from its
-    first training forward (see `fuse_old_forward`)."""
-
-    enc: Encoded  # (B, P + C) prompt (left-padded) + completion (right-padded)
-    mask: torch.Tensor  # (B, C) 1 on completion tokens up to and including the first EOS
-    ref_logprobs: torch.Tensor  # (B, C) log π_ref(a_t|s_t), at the sampling temperature
-    scores: torch.Tensor  # (B,) the provider's reward after EOS penalty / normalisation
-    raw_scores: torch.Tensor  # (B,) the provider's reward as returned
-    valid: torch.Tensor  # (B,) bool: the provider judged the sample
-    finished: torch.Tensor  # (B,) bool: the completion ended with EOS
-    texts: list[str]
-    kl_coef: float  # β at rollout time
-    logprobs: torch.Tensor | None = None  # (B, C) log π_old(a_t|s_t), same temperature
-    values: torch.Tensor | None = None  # (B, C) V_old(s_t)
-    advantages: torch.Tensor | None = None  # (B, C) Â_t (whitened)
-    returns: torch.Tensor | None = None  # (B, C) R_t = Â_t + V_old(s_t) before whitening
-    prompt_pass: PromptPass | None = None  # the policy's pass over the prompts, with its graph (`keep_prompt_pass`); the first training forward takes it
-
-    def advantages_and_returns(self, rows: Any, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """GAE advantages (not whitened) and returns of the rollout's `rows`, given their π_old
-        log-probs and V_old values (len(rows), C): the per-token rewards are the score at the
-        last token − β·KL at every token. Row by row, so a chunk of rows gets what the whole
-        batch would give it."""
-        m = self.mask[rows].to(logprobs.device).float()
-        logprobs, values = logprobs.detach().float() * m, values.detach().float() * m
-        kl = kl_penalty(logprobs, self.ref_logprobs[rows].to(logprobs.device), cfg.kl.estimator)
-        rewards = per_token_rewards(self.scores[rows].to(logprobs.device), kl, m, self.kl_coef)
-        return gae(rewards, values, m, cfg.gamma, cfg.lam)
-
-    def set_old(self, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> None:
-        """Given π_old's log-probs and V_old's values (B, C), compute the per-token rewards,
-        GAE advantages (whitened over the batch) and returns."""
-        m = self.mask.to(logprobs.device).float()
-        advantages, returns = self.advantages_and_returns(slice(None), logprobs, values, cfg)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, m)
-        self.logprobs, self.values = (logprobs.detach().float() * m).cpu(), (values.detach().float() * m).cpu()
-        self.advantages, self.returns = advantages.cpu(), returns.cpu()
+            raise ConfigError(f"eval_samples_per_prompt must be at least 1, got {self.eval_samples_per_prompt}")
 
 
 def fuse_old_forward(cfg: PPOConfig) -> bool:
-    """Whether π_old / V_old can come from the update's first training forward instead of a
+    """Whether π_old and V_old come from the update's first training forward instead of a
     separate no-grad pass. That holds when the first optimizer step sees the whole batch at
     once (one minibatch, no accumulation): its forward runs with θ = θ_old on every sample, so
     the detached outputs *are* the old log-probs and values, bit for bit, and the advantages
@@ -173,23 +108,62 @@ def fuse_old_forward(cfg: PPOConfig) -> bool:
     return cfg.num_minibatches == 1 and cfg.grad_accum_steps == 1
 
 
-def keeps_prompt_pass(cfg: PPOConfig, num_processes: int) -> bool:
-    """Whether the rollout keeps the policy's prompt pass for the first training forward
-    (`keep_prompt_pass`): on the fused first step of one process, where the policy does not run
-    in the joint pass (which runs the prompts itself). Under DDP a training step must be one
-    forward of the wrapped module, which a pass made during sampling is not."""
-    keep = cfg.keep_prompt_pass if cfg.keep_prompt_pass is not None else cfg.layout == "shared_lora"
-    return keep and fuse_old_forward(cfg) and num_processes == 1 and not cfg.joint_forward
+# ----------------------------------------------------------------------------------------------
+# The batch containers
+# ----------------------------------------------------------------------------------------------
 
 
-def critic_chunks(cfg: PPOConfig) -> int:
-    """`critic_chunks`, or its default for the layout: 1 for shared_lora (the critic's graph fits
-    beside the policy's; chunks cost about 0.25 s per update on the benchmark), 4 for separate
-    full models (an fp32 critic's whole graph beside the policy's took the benchmark's peak from
-    7.6 to 9.1 GiB, for no clear gain in speed)."""
-    if cfg.critic_chunks is not None:
-        return cfg.critic_chunks
-    return 1 if cfg.layout == "shared_lora" else 4
+@dataclass
+class Rollout:
+    """One batch as sampled and scored (the first half of OpenRLHF's `Experience`).
+    B rows, P prompt columns, C completion columns."""
+
+    enc: Encoded  # (B, P + C) prompt (left-padded) + completion (right-padded)
+    mask: torch.Tensor  # (B, C) 1 on completion tokens up to and including the first EOS
+    ref_logprobs: torch.Tensor  # (B, C) log π_ref(a_t|s_t), at the sampling temperature, 0 off the mask
+    scores: torch.Tensor  # (B,) the provider's reward after EOS penalty / normalisation / clipping
+    raw_scores: torch.Tensor  # (B,) r(x, y) as the provider returned it
+    valid: torch.Tensor  # (B,) bool: the provider judged the sample
+    finished: torch.Tensor  # (B,) bool: the completion ended with EOS
+    texts: list[str]  # the decoded completions
+    kl_coef: float  # β at rollout time
+
+
+@dataclass
+class Experience:
+    """π_old, V_old and what PPO derives from them for a `Rollout` (the second half of OpenRLHF's
+    `Experience`); every tensor (B, C), 0 off the completion mask."""
+
+    logprobs: torch.Tensor  # log π_old(a_t|s_t), at the sampling temperature
+    values: torch.Tensor  # V_old(s_t): the state before token t
+    advantages: torch.Tensor  # Â_t, whitened over the batch (`whiten_advantages`)
+    returns: torch.Tensor  # R_t = Â_t + V_old(s_t), before whitening
+
+    def at(self, rows: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(logprobs, values, advantages, returns) of `rows`, on `device`."""
+        return tuple(t[rows].to(device) for t in (self.logprobs, self.values, self.advantages, self.returns))
+
+
+def advantages_and_returns(ro: Rollout, rows: Any, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages (not whitened) and returns of the rollout's `rows`, given their π_old
+    log-probs and V_old values (len(rows), C). The per-token rewards are −β·KL(π_old ‖ π_ref) at
+    every token plus the score at the last one (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2).
+    Row by row, so a chunk of rows gets what the whole batch would give it."""
+    m = ro.mask[rows].to(logprobs.device).float()
+    logprobs, values = logprobs.detach().float() * m, values.detach().float() * m
+    kl = kl_penalty(logprobs, ro.ref_logprobs[rows].to(logprobs.device), cfg.kl.estimator)
+    rewards = per_token_rewards(ro.scores[rows].to(logprobs.device), kl, m, ro.kl_coef)
+    return gae(rewards, values, m, cfg.gamma, cfg.lam)
+
+
+def experience(ro: Rollout, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> Experience:
+    """The `Experience` of the whole rollout from π_old's log-probs and V_old's values (B, C);
+    advantages are whitened over the batch (Huang et al. 2024, detail on advantage whitening)."""
+    m = ro.mask.to(logprobs.device).float()
+    advantages, returns = advantages_and_returns(ro, slice(None), logprobs, values, cfg)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, m)
+    return Experience((logprobs.detach().float() * m).cpu(), (values.detach().float() * m).cpu(), advantages.cpu(), returns.cpu())
 
 
 class RunningMoments:
@@ -210,13 +184,6 @@ class RunningMoments:
         return math.sqrt(max(self.var, 1e-8))
 
 
-def encode_rollout(tok: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> Encoded:
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attn = torch.cat([prompt_mask, completion_mask], dim=1)
-    comp = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1)
-    return Encoded(ids, attn, comp, prompt_ids.shape[1])
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -227,26 +194,24 @@ def run(cfg: PPOConfig) -> dict:
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
-    if accelerator.device.type == "cpu":
-        keep_freed_memory()
     set_seed(cfg.seed + accelerator.process_index)  # different samples per process, reproducible
     run_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, to_dict(cfg))
     t0 = time.time()
 
-    amp = autocast_dtype(cfg.autocast, accelerator.device)
-    ac = ActorCritic.build(dataclasses.replace(cfg.model, device=str(accelerator.device)), cfg.layout)
+    ac = ActorCritic.build(dataclasses.replace(cfg.model, device=str(accelerator.device)), cfg.layout, cfg.engine, cfg.autocast)
     ac.temperature = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
     if cfg.value_head_init:
         ac.init_value_head_from_reward_model(cfg.value_head_init)
-    tok = ac.tokenizer
-    provider = _build_reward(cfg, ac, amp, verbose=accelerator.is_main_process)
-    shared_rm = getattr(getattr(provider, "model", None), "adapter_name", None) is not None
-    if cfg.value_head_init and cfg.critic_from_reward_adapter and shared_rm and Path(cfg.value_head_init) == Path(cfg.reward.path):
-        ac.init_critic_adapter_from_reward()
-    ac.store_frozen_in(amp, prepack=cfg.prepack_frozen)  # after any reward adapter is attached, so it loads in full precision
-    prompts = _load_prompt_texts(cfg.prompts, tok)
+    provider = build_provider(cfg.reward, host=ac if cfg.share_reward_base else None)
+    shared = provider.shared_adapter()
+    if shared and accelerator.is_main_process:
+        print(f"reward model {getattr(cfg.reward, 'path', '')}: a frozen adapter on the policy's base (no second copy)")
+    if cfg.value_head_init and cfg.critic_from_reward_adapter and shared and Path(cfg.value_head_init) == Path(getattr(cfg.reward, "path", "")):
+        ac.init_critic_adapter_from(shared)
+    ac.prepare_frozen()  # after any reward adapter is hosted, so that it loads in full precision
+    prompts = _load_prompt_texts(cfg.prompts, ac.tokenizer)
     eval_prompts = _load_prompt_records(cfg.eval_prompts) if cfg.eval_prompts else []
 
     params = [p for _, p in ac.trainable_named_parameters()]
@@ -271,31 +236,28 @@ def run(cfg: PPOConfig) -> dict:
         tracker = Tracker(run_dir, cfg.tracker, to_dict(cfg), name=run_dir.name)
         tracker.truncate_after(start)  # drop lines a killed run logged after its last checkpoint
     before = _eval_before(ac, provider, eval_prompts, cfg, run_dir) if eval_prompts and accelerator.is_main_process else None
+    # Under DDP a training step must be one forward of the wrapped module; alone, the update's
+    # first forward may continue work the rollout did on the same rows (`ActorCritic.generate`).
+    rollout_feeds_first_step = fuse_old_forward(cfg) and accelerator.num_processes == 1
     bar = tqdm(range(start, cfg.updates), desc="ppo", unit="update", disable=not accelerator.is_main_process)
     for update in bar:
         t_update = time.time()
-        # ---- 1. rollout ------------------------------------------------------------------------
         b_prompts = _batch_for(prompts, update, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
-        rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, amp, with_old=not fuse_old_forward(cfg),
-                                  keep_prompt_pass=keeps_prompt_pass(cfg, accelerator.num_processes))
-        kept = rollout.prompt_pass is not None
+        rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, for_training=rollout_feeds_first_step)
         t_train = time.time()
-        # ---- 2. PPO epochs -----------------------------------------------------------------------
-        stats = ppo_update(model, optimizer, accelerator, rollout, cfg, amp)
+        b_exp, stats = ppo_update(model, ac, optimizer, accelerator, rollout, cfg)
         t_done = time.time()
-        # ---- 3. KL controller, metrics -----------------------------------------------------------
-        seq_kl = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.mask).sum(-1)  # (B,)
+
+        seq_kl = (kl_penalty(b_exp.logprobs, rollout.ref_logprobs, "k1") * rollout.mask).sum(-1)  # (B,)
         if cfg.kl.adaptive:
             kl_ctl.update(float(accelerator.reduce(seq_kl.mean().to(accelerator.device), "mean")), cfg.batch_size * accelerator.num_processes)
-        metrics = rollout_metrics(rollout, seq_kl) | stats | {
+        metrics = rollout_metrics(rollout, b_exp, seq_kl) | stats | ac.metrics() | {
             "kl_coef": kl_ctl.value,
             "tokens_per_s": float(rollout.mask.sum()) / (t_done - t_update),
             "seconds_per_update": t_done - t_update,
-            "time/rollout_s": t_train - t_update,  # generation, scoring, reference (and, unfused, old) log-probs
-            "time/train_s": t_done - t_train,  # the PPO epochs
-            "rollout/prompt_pass_kept": float(kept),  # the policy's prompt pass ran in the rollout, not the training step (keep_prompt_pass)
-            "response/prompt_tokens": float(rollout.enc.attention_mask[:, : rollout.enc.prompt_width].sum(-1).float().mean()),
-        } | heap_metrics()
+            "time/rollout_s": t_train - t_update,  # generation, scoring, reference log-probs
+            "time/train_s": t_done - t_train,  # the PPO epochs (and, unfused, the old log-probs)
+        }
         metrics = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in metrics.items()}
         if tracker is not None:
             tracker.log(metrics, update + 1)
@@ -309,9 +271,8 @@ def run(cfg: PPOConfig) -> dict:
 
     summary: dict[str, Any] = {"updates": cfg.updates, "processes": accelerator.num_processes, "wall_seconds": round(time.time() - t0, 1)}
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         if eval_prompts:
-            after = evaluate_policy(unwrapped, provider, eval_prompts, cfg)
+            after = evaluate_policy(ac, provider, eval_prompts, cfg)
             summary["eval_before"], summary["eval_after"] = before["summary"], after["summary"]
             summary["eval_change"] = paired_change(before["samples"], after["samples"])
             atomic_write_jsonl(run_dir / "eval_samples_before.jsonl", before["samples"])
@@ -324,31 +285,37 @@ def run(cfg: PPOConfig) -> dict:
     return summary
 
 
-def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[tuple[Any, str]], cfg: PPOConfig, kl_coef: float, moments: RunningMoments, amp: torch.dtype | None, *, with_old: bool = True, keep_prompt_pass: bool = False) -> Rollout:
-    """Sample, score and take the reference log-probs; with `with_old`, also π_old's log-probs
-    and V_old's values and hence the advantages (else `ppo_update` fills them). With
-    `keep_prompt_pass` (and not `with_old`), where the policy allows it, the policy's pass over
-    the prompts keeps its graph for `ppo_update`'s first forward (`Rollout.prompt_pass`)."""
+# ----------------------------------------------------------------------------------------------
+# 1. Rollout: sample, score, reference log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[tuple[Any, str]], cfg: PPOConfig, kl_coef: float, moments: RunningMoments, *, for_training: bool = False) -> Rollout:
+    """Sample a completion per prompt, score it, and take the reference's log-probs.
+    `for_training`: the update's first training forward will run exactly these rows before any
+    parameter changes (`ActorCritic.generate`)."""
     tok = ac.tokenizer
-    texts = [t for _, t in b_prompts]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tok([t for _, t in b_prompts], return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = batch["input_ids"][:, -cfg.max_prompt_tokens :], batch["attention_mask"][:, -cfg.max_prompt_tokens :]
     ac.eval()  # dropout off in every model: rollout and update log-probs must agree (Huang et al. 2024)
-    prompt = None
-    with autocast(ac.device, amp):
-        if keep_prompt_pass and not with_old and ac.can_keep_prompt_pass(prompt_ids.shape[1], cfg.sampling):
-            out, prompt = ac.generate_keeping_prompt_pass(prompt_ids, prompt_mask, cfg.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        else:
-            out = ac.generate(prompt_ids, prompt_mask, cfg.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        out = out.cpu()
+    with ac.autocast():
+        out = ac.generate(prompt_ids, prompt_mask, cfg.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, for_training=for_training).cpu()
     # Keep tokens up to the first EOS; later ones are padding and never scored or trained.
     completion, mask, finished = truncate_after_eos(out[:, prompt_ids.shape[1] :], tok.eos_token_id, tok.pad_token_id)
-    completion_texts = tok.batch_decode(completion, skip_special_tokens=True)
-    enc = encode_rollout(tok, prompt_ids, prompt_mask, completion, mask)
+    texts = tok.batch_decode(completion, skip_special_tokens=True)
+    enc = Encoded(torch.cat([prompt_ids, completion], 1), torch.cat([prompt_mask, mask], 1), torch.cat([torch.zeros_like(prompt_mask), mask], 1), prompt_ids.shape[1])
 
-    result = provider.score([p for p, _ in b_prompts], completion_texts)
-    raw = result.rewards.clone()
-    scores = raw.clone()
+    result = provider.score([p for p, _ in b_prompts], texts)
+    scores = shaped_scores(result, finished, cfg, moments)
+    with torch.no_grad(), ac.autocast():
+        ref_logprobs = ac.reference_logprobs(enc).float().cpu() * mask
+    return Rollout(enc, mask, ref_logprobs, scores, result.rewards.clone(), result.valid, finished, texts, kl_coef)
+
+
+def shaped_scores(result: RewardResult, finished: torch.Tensor, cfg: PPOConfig, moments: RunningMoments) -> torch.Tensor:
+    """The provider's rewards (B,) as PPO uses them: missing-EOS penalty, running-std
+    normalisation, clipping; an unjudged sample earns 0."""
+    scores = result.rewards.clone()
     if cfg.missing_eos_penalty is not None:
         # A completion cut at max_new_tokens is penalised (Huang et al. 2024, detail on EOS trick):
         # subtract a penalty, or replace the score by −penalty; the choice is explicit.
@@ -362,153 +329,129 @@ def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[t
         scores = (scores - moments.mean) / moments.std + moments.mean
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    scores = torch.where(result.valid, scores, torch.zeros_like(scores))  # an unjudged sample earns 0
-
-    m = mask.to(ac.device).float()
-    with torch.no_grad(), autocast(ac.device, amp):
-        ref_logprobs = ac.reference_logprobs(enc, split=prompt is not None).float() * m
-        old = ac(enc.input_ids, enc.attention_mask, enc.prompt_width) if with_old else None
-    ro = Rollout(enc, mask, ref_logprobs.cpu(), scores, raw, result.valid, finished, completion_texts, kl_coef, prompt_pass=prompt)
-    if old is not None:
-        ro.set_old(old.logprobs, old.values, cfg)
-    return ro
+    return torch.where(result.valid, scores, torch.zeros_like(scores))
 
 
-def ppo_update(model: Any, optimizer: torch.optim.Optimizer, accelerator: Any, ro: Rollout, cfg: PPOConfig, amp: torch.dtype | None) -> dict[str, float]:
-    unwrapped = accelerator.unwrap_model(model)
+# ----------------------------------------------------------------------------------------------
+# 2. The update: epochs of minibatch steps
+# ----------------------------------------------------------------------------------------------
+
+
+def ppo_update(model: Any, ac: ActorCritic, optimizer: torch.optim.Optimizer, accelerator: Any, ro: Rollout, cfg: PPOConfig) -> tuple[Experience, dict[str, float]]:
+    """`ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches of
+    `grad_accum_steps` micro-batches, one optimizer step per minibatch. Returns the rollout's
+    `Experience` and the steps' mean statistics."""
     B = ro.mask.shape[0]
     mb_size = B // cfg.num_minibatches
     micro = mb_size // cfg.grad_accum_steps
+    # π_old and V_old: from the first training forward where that sees the whole batch with
+    # θ = θ_old (`fuse_old_forward`), else from a no-grad pass now.
+    b_exp = None if fuse_old_forward(cfg) else old_experience(ac, ro, cfg)
     sums: dict[str, float] = {}
     n = 0
-    fused = ro.logprobs is None
-    # Under DDP a step must be one forward and one backward of the wrapped module; one process
-    # can run the policy and the critic one after the other (see _micro_step_sequential).
-    sequential = cfg.sequential_backward and accelerator.num_processes == 1
-    joint = cfg.joint_forward and unwrapped.can_run_jointly(ro.enc.input_ids.shape[1])
-    if fused and not fuse_old_forward(cfg):
-        raise ValueError("a rollout without old log-probs needs num_minibatches == grad_accum_steps == 1")
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B).tolist()
         for mb_start in range(0, B, mb_size):
             mb_idx = perm[mb_start : mb_start + mb_size]
             for mi in range(0, mb_size, micro):
                 idx = mb_idx[mi : mi + micro]
-                if ro.logprobs is None:  # the fused first step sees the whole batch: in rollout order, as a kept prompt pass is
+                if b_exp is None:  # the fused first step: the whole batch, in rollout order
                     idx = sorted(idx)
-                # Under DDP, synchronise gradients only on the minibatch's last micro-batch.
-                last = mi + micro >= mb_size
-                # Sequential steps keep the two graphs apart, except on a fused first step with
-                # the critic in one chunk: there the joint pass keeps no more, and is faster.
-                if sequential and not (joint and ro.logprobs is None and critic_chunks(cfg) == 1):
-                    out_stats = _micro_step_sequential(unwrapped, ro, idx, cfg, amp, accelerator)
-                else:
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        out_stats = _micro_step(model, unwrapped, ro, idx, cfg, amp, accelerator, joint)
-                for k, v in out_stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                # Under DDP, gradients synchronise on the minibatch's last micro-batch only.
+                sync = mi + micro >= mb_size
+                b_exp, stats = train_step(model, ac, accelerator, ro, b_exp, idx, cfg, sync)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
             grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * cfg.grad_accum_steps
-    return {k: v / n for k, v in sums.items()}
+    assert b_exp is not None  # at least one step ran (batch_size ≥ 1)
+    return b_exp, {k: v / n for k, v in sums.items()}
 
 
-def _take_prompt_pass(ro: Rollout, idx: list[int]) -> PromptPass | None:
-    """The rollout's kept prompt pass for rows `idx`, taken off the rollout (it serves the first
-    forward only: its graph is backpropagated once, and the step after changes the parameters)."""
-    prompt, ro.prompt_pass = ro.prompt_pass, None
-    return None if prompt is None else prompt.rows(idx)
+@torch.no_grad()
+def old_experience(ac: ActorCritic, ro: Rollout, cfg: PPOConfig) -> Experience:
+    """The rollout's `Experience` from a no-grad forward of the policy and the critic."""
+    with ac.autocast():
+        out = ac(ro.enc.input_ids, ro.enc.attention_mask, ro.enc.prompt_width)
+    return experience(ro, out.logprobs.float(), out.values.float(), cfg)
 
 
-def _micro_step(model: Any, unwrapped: ActorCritic, ro: Rollout, idx: list[int], cfg: PPOConfig, amp: torch.dtype | None, accelerator: Any, joint: bool = False) -> dict[str, float]:
-    dev = unwrapped.device
-    enc = ro.enc
-    ids, attn = enc.input_ids[idx].to(dev), enc.attention_mask[idx].to(dev)
-    m = ro.mask[idx].to(dev).float()
-    prompt = _take_prompt_pass(ro, idx)
-    with autocast(dev, amp):
-        out = model(ids, attn, enc.prompt_width, joint=joint, prompt=prompt)
-    del prompt  # its graph lives on in the outputs'; its own tensors can go
-    logp, values = out.logprobs.float(), out.values.float()
-    if ro.logprobs is None:  # the fused first step: θ = θ_old and idx is the whole batch
-        ro.set_old(logp[torch.argsort(torch.tensor(idx))], values[torch.argsort(torch.tensor(idx))], cfg)
-    pg = ppo_policy_loss(logp, ro.logprobs[idx].to(dev), ro.advantages[idx].to(dev), m, cfg.clip)
-    vf_loss, vf_clip = clipped_value_loss(values, ro.values[idx].to(dev), ro.returns[idx].to(dev), m, cfg.value_clip)
-    loss = pg.loss + cfg.vf_coef * vf_loss
-    accelerator.backward(loss / cfg.grad_accum_steps)
-    return {
-        "loss/policy": float(pg.loss.detach()), "loss/value": float(vf_loss.detach()), "policy/clip_fraction": float(pg.clip_fraction),
-        "policy/approx_kl": float(pg.approx_kl), "value/clip_fraction": float(vf_clip),
-        "policy/entropy": float(masked_mean(out.entropy.detach().float(), m)),
-        "value/explained_variance": float(explained_variance(ro.values[idx].to(dev), ro.returns[idx].to(dev), m)),
-    }
+def train_step(model: Any, ac: ActorCritic, accelerator: Any, ro: Rollout, b_exp: Experience | None, idx: list[int], cfg: PPOConfig, sync: bool) -> tuple[Experience, dict[str, torch.Tensor]]:
+    """One micro-batch: forward, `ppo_loss`, backward (scaled for gradient accumulation).
+    Without `b_exp`, this is the update's first forward, over the whole batch with θ = θ_old:
+    its detached outputs are π_old and V_old, and the `Experience` is made from them here.
 
-
-def _micro_step_sequential(ac: ActorCritic, ro: Rollout, idx: list[int], cfg: PPOConfig, amp: torch.dtype | None, accelerator: Any) -> dict[str, float]:
-    """`_micro_step` with the same loss and gradients, run so that the policy's and the critic's
-    activation graphs never coexist in full: peak memory is about one model's graph instead of
-    two, at no extra compute.
-
-    The policy goes first. On a fused first step (π_old and V_old come from this forward) the
-    policy loss needs advantages, which need V_old for every row, so the policy's graph waits
-    while the critic runs chunk by chunk: each chunk's returns need only its own rows' π_old and
-    V_old (GAE is per row), so its value loss is formed and backpropagated at once. Then the
-    advantages are whitened over the batch and the policy loss is backpropagated. Otherwise
-    (advantages known) the policy loss is backpropagated before the critic starts."""
+    Under DDP the policy and the critic run as one forward of the wrapped module and the loss
+    has one backward. In one process the loss L = L_π(θ_π) + c_V·L_V(θ_V), whose two terms
+    touch disjoint parameters, is backpropagated in parts, so that the two activation graphs
+    never coexist in full: the critic's term chunk by chunk of rows (`_critic_step`), then the
+    policy's. The gradients are those of one backward of L."""
     dev = ac.device
-    enc = ro.enc
-    P = enc.prompt_width
-    ids, attn = enc.input_ids[idx].to(dev), enc.attention_mask[idx].to(dev)
+    ids, attn, P = ro.enc.input_ids[idx].to(dev), ro.enc.attention_mask[idx].to(dev), ro.enc.prompt_width
+    m = ro.mask[idx].to(dev).float()
+    scale = 1.0 / cfg.grad_accum_steps
+    hyper = dict(clip=cfg.clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef)
+    if accelerator.num_processes > 1:
+        with ac.autocast():
+            out = model(ids, attn, P)
+        logp, values = out.logprobs.float(), out.values.float()
+        if b_exp is None:
+            b_exp = experience(ro, logp, values, cfg)
+        loss, stats = ppo_loss(logp, values, *b_exp.at(idx, dev), m, entropy=out.entropy, **hyper)
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            accelerator.backward(loss * scale)
+        return b_exp, stats
+    if b_exp is not None:  # advantages known: the critic first, its graph gone before the policy's is built
+        values = _critic_step(ac, accelerator, ro, b_exp, idx, None, cfg, scale)
+    with ac.autocast():
+        logp, entropy = ac.policy_forward(ids, attn, P)
+    logp = logp.float()
+    if b_exp is None:  # the critic's returns need π_old, which is this forward's
+        values = _critic_step(ac, accelerator, ro, None, idx, logp.detach(), cfg, scale)
+        b_exp = experience(ro, logp, values, cfg)
+    # `values` are detached: this backward reaches the policy only; the critic's is done.
+    loss, stats = ppo_loss(logp, values, *b_exp.at(idx, dev), m, entropy=entropy, **hyper)
+    accelerator.backward(loss * scale)
+    return b_exp, stats
+
+
+def _critic_step(ac: ActorCritic, accelerator: Any, ro: Rollout, b_exp: Experience | None, idx: list[int], old_logprobs: torch.Tensor | None, cfg: PPOConfig, scale: float) -> torch.Tensor:
+    """The critic's forward and the backward of its loss term c_V·L_V for rows `idx`, in row
+    chunks (`ActorCritic.critic_row_chunks`) weighted to give the masked mean over all of
+    `idx`; returns the values, detached (len(idx), C). Without `b_exp` (the first forward,
+    φ = φ_old), V_old is these values, and each chunk's returns come from its own rows' π_old
+    (`old_logprobs`) and V_old alone: GAE runs row by row."""
+    dev = ac.device
+    ids, attn, P = ro.enc.input_ids[idx].to(dev), ro.enc.attention_mask[idx].to(dev), ro.enc.prompt_width
     m = ro.mask[idx].to(dev).float()
     n_tokens = m.sum().clamp_min(1.0)
-    scale = 1.0 / cfg.grad_accum_steps
-    prompt = _take_prompt_pass(ro, idx)
-    with autocast(dev, amp):
-        logp, entropy = ac.policy_forward(ids, attn, P, prompt)
-    del prompt  # its graph lives on in logp's; its own tensors can go
-    logp = logp.float()
-    fused = ro.logprobs is None
-
-    def policy_backward() -> Any:
-        pg = ppo_policy_loss(logp, ro.logprobs[idx].to(dev), ro.advantages[idx].to(dev), m, cfg.clip)
-        accelerator.backward(pg.loss * scale)
-        return pg
-
-    pg = None if fused else policy_backward()
-    vf_loss = vf_clip = 0.0
-    values_old = torch.zeros_like(logp)
-    for chunk in torch.arange(len(idx)).chunk(min(critic_chunks(cfg), len(idx))):
+    out = torch.zeros_like(m)
+    for chunk in ac.critic_row_chunks(len(idx)):
         rows = [idx[i] for i in chunk.tolist()]
-        with autocast(dev, amp):
+        with ac.autocast():
             values = ac.critic_forward(ids[chunk], attn[chunk], P).float()
         mc = m[chunk]
-        if fused:  # V_old = V on this chunk; its returns need only its rows (GAE is per row)
+        if b_exp is None:
             old_values = values.detach() * mc
-            returns = ro.advantages_and_returns(rows, logp[chunk], values, cfg)[1]
-            values_old[chunk] = old_values
+            returns = advantages_and_returns(ro, rows, old_logprobs[chunk], old_values, cfg)[1]
         else:
-            old_values, returns = ro.values[rows].to(dev), ro.returns[rows].to(dev)
-        loss, clip_frac = clipped_value_loss(values, old_values, returns, mc, cfg.value_clip)
-        weight = mc.sum() / n_tokens  # chunk means → the masked mean over all of idx
-        accelerator.backward(cfg.vf_coef * loss * weight * scale)
-        vf_loss += float(loss.detach()) * float(weight)
-        vf_clip += float(clip_frac) * float(weight)
-    if fused:  # θ = θ_old and idx is the whole batch
-        order = torch.argsort(torch.tensor(idx))
-        ro.set_old(logp[order], values_old[order], cfg)
-        pg = policy_backward()
-    return {
-        "loss/policy": float(pg.loss.detach()), "loss/value": vf_loss, "policy/clip_fraction": float(pg.clip_fraction),
-        "policy/approx_kl": float(pg.approx_kl), "value/clip_fraction": vf_clip,
-        "policy/entropy": float(masked_mean(entropy.detach().float(), m)),
-        "value/explained_variance": float(explained_variance(ro.values[idx].to(dev), ro.returns[idx].to(dev), m)),
-    }
+            old_values, returns = b_exp.values[rows].to(dev), b_exp.returns[rows].to(dev)
+        loss, _ = clipped_value_loss(values, old_values, returns, mc, cfg.value_clip)
+        accelerator.backward(cfg.vf_coef * loss * (mc.sum() / n_tokens) * scale)
+        out[chunk] = values.detach()
+    return out
 
 
-def rollout_metrics(ro: Rollout, seq_kl: torch.Tensor) -> dict[str, float]:
-    k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * ro.mask).sum(-1)
+# ----------------------------------------------------------------------------------------------
+# 3. Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def rollout_metrics(ro: Rollout, b_exp: Experience, seq_kl: torch.Tensor) -> dict[str, float]:
+    k3 = (kl_penalty(b_exp.logprobs, ro.ref_logprobs, "k3") * ro.mask).sum(-1)
     return {
         "reward/raw_mean": float(ro.raw_scores[ro.valid].mean()) if ro.valid.any() else float("nan"),
         "reward/score_mean": float(ro.scores.mean()),
@@ -517,6 +460,7 @@ def rollout_metrics(ro: Rollout, seq_kl: torch.Tensor) -> dict[str, float]:
         "kl/k3": float(k3.mean()),
         "response/length": float(ro.mask.sum(-1).float().mean()),
         "response/no_eos_fraction": float((~ro.finished).float().mean()),
+        "response/prompt_tokens": float(ro.enc.attention_mask[:, : ro.enc.prompt_width].sum(-1).float().mean()),
     }
 
 
@@ -528,28 +472,12 @@ def rollout_metrics(ro: Rollout, seq_kl: torch.Tensor) -> dict[str, float]:
 def _eval_before(ac: ActorCritic, provider: RewardProvider, records: list[PromptRecord], cfg: PPOConfig, run_dir: Path) -> dict[str, Any]:
     """The starting policy's evaluation, computed once and kept, so a resumed run reports the
     same 'before' as an uninterrupted one."""
-    import json
-
     path = run_dir / "eval_before.json"
     if path.is_file():
         return json.loads(path.read_text())
     result = evaluate_policy(ac, provider, records, cfg)
     atomic_write_json(path, result)
     return result
-
-
-def _build_reward(cfg: PPOConfig, ac: ActorCritic, amp: torch.dtype | None, *, verbose: bool) -> RewardProvider:
-    """The reward provider; a LoRA reward model trained on the policy's own base becomes a frozen
-    adapter on the shared base (shared_lora), so no second copy of the base is loaded."""
-    r = cfg.reward
-    if cfg.share_reward_base and isinstance(r, RewardModelProviderConfig) and r.path and r.device in ("auto", ac.device.type):
-        if autocast_dtype(r.autocast, ac.device) == amp:
-            rm = ac.attach_reward_model(r.path)
-            if rm is not None:
-                if verbose:
-                    print(f"reward model {r.path}: a frozen adapter on the policy's base (no second copy)")
-                return RewardModelProvider(rm, batch_size=r.batch_size, autocast_mode=r.autocast, name=r.name or r.type)
-    return build_provider(r)
 
 
 def _load_prompt_records(cfg: DataConfig) -> list[PromptRecord]:
@@ -572,25 +500,26 @@ def _batch_for(prompts: list[tuple[Any, str]], update: int, batch_size: int, ran
 @torch.no_grad()
 def evaluate_policy(ac: ActorCritic, provider: RewardProvider, records: list[PromptRecord], cfg: PPOConfig) -> dict[str, Any]:
     """Sample `eval_samples_per_prompt` completions per held-out prompt with the rollout settings
-    (fixed seed, so the before/after comparison sees the same noise), score them with the
-    provider, and measure each one's sequence KL Σ_t k1 from the reference. The summary's means
-    are over all samples; `paired_change` averages each prompt's samples first."""
+    (fixed seed, so the before/after comparison sees the same noise, and the run's own random
+    state, CPU and GPU, is left as it was), score them with the provider, and measure each one's
+    sequence KL Σ_t k1 from the reference. The summary's means are over all samples;
+    `paired_change` averages each prompt's samples first."""
     k = cfg.eval_samples_per_prompt
     items = [(i, j, r.prompt, render_prompt(ac.tokenizer, r.prompt)) for i, r in enumerate(records) for j in range(k)]
-    amp = autocast_dtype(cfg.autocast, ac.device)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(1234)  # the same sampling noise before and after training
     rewards, kls, samples = [], [], []
     size = cfg.eval_batch_size or cfg.batch_size
-    for s in range(0, len(items), size):
-        batch = items[s : s + size]
-        ro = collect_rollout(ac, provider, [(p, text) for _, _, p, text in batch], cfg, 0.0, RunningMoments(), amp)
-        seq_kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * ro.mask).sum(-1)
-        rewards.append(ro.raw_scores)
-        kls.append(seq_kl)
-        samples += [{"prompt": p, "index": i, "sample": j, "completion": t, "reward": float(r), "kl": float(kl)}
-                    for (i, j, p, _), t, r, kl in zip(batch, ro.texts, ro.raw_scores, seq_kl)]
-    torch.random.set_rng_state(state)
+    with torch.random.fork_rng(devices=[ac.device] if ac.device.type == "cuda" else []):
+        torch.manual_seed(1234)  # the same sampling noise before and after training
+        for s in range(0, len(items), size):
+            batch = items[s : s + size]
+            ro = collect_rollout(ac, provider, [(p, text) for _, _, p, text in batch], cfg, 0.0, RunningMoments())
+            with ac.autocast():
+                logp, _ = ac.policy_forward(ro.enc.input_ids, ro.enc.attention_mask, ro.enc.prompt_width)
+            seq_kl = (kl_penalty(logp.float().cpu() * ro.mask, ro.ref_logprobs, "k1") * ro.mask).sum(-1)
+            rewards.append(ro.raw_scores)
+            kls.append(seq_kl)
+            samples += [{"prompt": p, "index": i, "sample": j, "completion": t, "reward": float(r), "kl": float(kl)}
+                        for (i, j, p, _), t, r, kl in zip(batch, ro.texts, ro.raw_scores, seq_kl)]
     r, kl = torch.cat(rewards), torch.cat(kls)
     summary = {"reward_mean": float(r.mean()), "kl_mean": float(kl.mean()), "prompts": len(records), "samples_per_prompt": k}
     return {"summary": summary, "samples": samples}
@@ -611,11 +540,9 @@ def paired_change(before: list[dict], after: list[dict]) -> dict[str, float]:
 
 
 def _log_samples(run_dir: Path, update: int, b_prompts: list[tuple[Any, str]], ro: Rollout) -> None:
-    import json
-
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
         for (p, _), text, score in zip(b_prompts, ro.texts, ro.raw_scores.tolist()):
             fh.write(json.dumps({"update": update, "prompt": p, "completion": text, "reward": score}, ensure_ascii=False) + "\n")
 
 
-__all__ = ["PPOConfig", "KLConfig", "run", "collect_rollout", "ppo_update", "fuse_old_forward", "Rollout", "RunningMoments"]
+__all__ = ["PPOConfig", "KLConfig", "run", "collect_rollout", "ppo_update", "train_step", "fuse_old_forward", "Rollout", "Experience", "RunningMoments"]

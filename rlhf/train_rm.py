@@ -26,7 +26,7 @@ from rlhf.core import bt_loss, grm_loss, grm_regularizer, pairwise_accuracy
 from rlhf.data import PreferencePair, load_split
 from rlhf.evaluation import evaluate_pairs
 from rlhf.io import atomic_write_json
-from rlhf.runs import keep_freed_memory, prepare_run_dir, seed_everything
+from rlhf.runs import prepare_run_dir, seed_everything
 from rlhf.tracking import Tracker, TrackerName
 
 
@@ -107,7 +107,6 @@ def pair_losses(rm: RewardModel, batch: list[PreferencePair], cfg: TrainRMConfig
 
 def run(cfg: TrainRMConfig) -> dict:
     t0 = time.time()
-    keep_freed_memory()
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg.output_dir, to_dict(cfg))
     pairs = load_split_pairs(cfg.data)

@@ -159,18 +159,30 @@ def test_partial_nested_block_keeps_the_fields_default():
     assert load_config(TrainRMConfig, None, ["eval_data=null"]).eval_data is None
 
 
-def test_importing_rlhf_caps_onednns_primitive_cache_unless_the_user_set_it():
-    """`import rlhf` bounds oneDNN's primitive cache before torch's first matmul (see
-    rlhf/__init__.py); a capacity the user chose is kept."""
+def test_imports_leave_the_environment_alone_and_the_cpu_engine_caps_onednns_cache():
+    """Importing the packages changes no environment variable; building the packed engine on the
+    CPU bounds oneDNN's primitive cache (before the first matmul of the run), and a capacity the
+    user chose is kept."""
     import os
     import subprocess
     import sys
 
-    code = "import os, rlhf; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    code = ("import os; before = dict(os.environ)\n"
+            "import rlhf, rlhf.ppo, rlhf.cli, policies.actor_critic, rewards.registry\n"
+            "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+            "import torch\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "from policies.engine_choice import build_engine\n"
+            "m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))\n"
+            "m.config._attn_implementation = 'eager'\n"
+            "build_engine('packed', m, torch.device('cpu'))\n"
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "64"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "512"
 
 

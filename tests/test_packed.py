@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from policies.models import apply_lora, autocast, completion_logits, enable_activation_checkpointing, unwrap_causal_lm
+from policies.models import apply_lora, autocast, enable_activation_checkpointing, unwrap_causal_lm
+from policies.packed import PackedEngine
 from policies.packed import can_pack, packed_hidden_states
 from rlhf.config import LoraConfig
 from rlhf.core import position_ids
@@ -251,7 +252,7 @@ def test_completion_logits_packed_equal_the_transformers_logits():
     ids, mask = _batch()
     P = 6
     with torch.no_grad():
-        logits = completion_logits(model, ids, mask, P)  # (B, C, V)
+        logits = PackedEngine("cpu").completion_logits(model, ids, mask, P)  # (B, C, V)
         full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, P - 1 : -1]
     scored = mask[:, P:].bool()  # the completion tokens that are real
     assert logits.shape == full.shape
@@ -269,10 +270,10 @@ def test_other_models_and_kernels_fall_back_to_the_transformers_forward():
     windowed = _tiny("llama")
     windowed.config.sliding_window = 8
     assert not can_pack(windowed, 12) and can_pack(windowed, 8)
-    # completion_logits still answers for a model that can't pack
+    # the packed engine still answers for a model that can't pack
     ids, mask = _batch()
     with torch.no_grad():
-        got = completion_logits(gpt2, ids, mask, 6)
+        got = PackedEngine("cpu").completion_logits(gpt2, ids, mask, 6)
     assert got.shape == (4, 6, 97) and torch.isfinite(got).all()
 
 
@@ -477,15 +478,13 @@ def test_a_kept_merged_copy_scores_as_a_fresh_merge_and_follows_the_adapters():
     """Reward scoring merges a frozen LoRA model's weights once and keeps them prepacked
     (`merge_weights="keep"`): the same hidden states as a merge made for the pass (bf16), the
     same kept copy on the next call, and a new one when an adapter changes or another is active."""
-    from policies.models import final_hidden_states
-
     model = _with_lora(_tiny("llama", hidden_size=64))
     ids, mask = _batch()
     owner = unwrap_causal_lm(model)
 
     def hidden(merge):
         with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
-            return final_hidden_states(model, ids, mask, merge)
+            return packed_hidden_states(model, ids, mask, merge)
 
     fresh = hidden(True)
     assert "_rlhf_kept_dense" not in owner.__dict__
@@ -712,22 +711,18 @@ def test_packed_generation_refuses_right_padded_prompts():
         packed_generate(model, ids, mask, max_new_tokens=2, temperature=1.0, eos_token_id=96, pad_token_id=0)
 
 
-def test_sampling_engine_picks_the_sampler(monkeypatch):
-    import policies.text
-    from policies.text import sample_tokens
+def test_both_engines_sample_the_same_greedy_tokens():
+    """The packed engine's sampler and transformers' `generate` (the hf engine) agree."""
+    from policies.engine import HFEngine
     from rlhf.config import SamplingConfig
 
     model = _tiny("llama")
     ids, mask = _prompts()
-    calls = []
-    real = policies.text.packed_generate
-    monkeypatch.setattr(policies.text, "packed_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sampling = SamplingConfig(max_new_tokens=4, temperature=0.0)
     with torch.no_grad():
-        auto = sample_tokens(model, ids, mask, SamplingConfig(max_new_tokens=4, temperature=0.0), eos_token_id=96, pad_token_id=0)
-        assert calls == [1]
-        hf = sample_tokens(model, ids, mask, SamplingConfig(max_new_tokens=4, temperature=0.0, engine="transformers"), eos_token_id=96, pad_token_id=0)
-        assert calls == [1]  # transformers' generate, not the packed sampler
-    assert torch.equal(auto, hf)
+        packed = PackedEngine("cpu").sample(model, ids, mask, sampling, eos_token_id=96, pad_token_id=0)
+        hf = HFEngine().sample(model, ids, mask, sampling, eos_token_id=96, pad_token_id=0)
+    assert torch.equal(packed, hf)
 
 
 def _prompt_and_completions(B: int = 4, P: int = 7, C: int = 5):
@@ -751,7 +746,7 @@ def test_prompt_pass_continued_over_the_completions_is_the_whole_forward(kind, a
     order (`PromptPass.rows`, `continued_hidden_states`), gives the states that predict the
     completion tokens, and the gradients, of one pass over the whole rows, to rounding; zeros
     at completion padding. With adapters on the top layer only, the layer below keeps no graph."""
-    from policies.models import completion_positions
+    from policies.engine import completion_positions
     from policies.packed import continued_hidden_states, prompt_pass
 
     model = _tiny(kind, attn)

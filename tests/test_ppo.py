@@ -42,6 +42,7 @@ def test_adapter_switch_restores_on_exception(tiny_llama_dir):
 def test_reference_logprobs_are_the_base_model(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
+    from policies.engine import HFEngine
     from policies.text import encode_completions, sequence_logprob
 
     ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
@@ -51,52 +52,71 @@ def test_reference_logprobs_are_the_base_model(tiny_llama_dir):
                 p.normal_()
     enc = encode_completions(ac.tokenizer, ["Hello there"], ["General Kenobi"], add_eos=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    expected = sequence_logprob(base, enc)
+    expected = sequence_logprob(HFEngine(), base, enc)
     assert torch.allclose(ac.reference_logprobs(enc).sum(-1), expected, atol=1e-4)
     out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width)
     assert not torch.allclose(out.logprobs.sum(-1), expected, atol=1e-3)  # the policy adapter matters
     assert out.values.shape == out.logprobs.shape
 
 
+def _sampled_rows(ac, prompts, *, for_training, max_new_tokens=6):
+    """Sample from `ac` as the rollout does; the (B, P + C) rows as an `Encoded` and the mask."""
+    from policies.text import Encoded, render_prompt
+    from rlhf.config import SamplingConfig
+    from rlhf.core import truncate_after_eos
+
+    tok = ac.tokenizer
+    batch = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    with ac.autocast():
+        out = ac.generate(ids, attn, SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, for_training=for_training).cpu()
+    completion, mask, _ = truncate_after_eos(out[:, ids.shape[1] :], tok.eos_token_id, tok.pad_token_id)
+    return Encoded(torch.cat([ids, completion], 1), torch.cat([attn, mask], 1), torch.cat([torch.zeros_like(attn), mask], 1), ids.shape[1]), mask
+
+
 @pytest.mark.parametrize("kept", [False, True])
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_fresh_policy_equals_the_reference_bit_for_bit(tiny_llama_dir, amp, kept):
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_fresh_policy_equals_the_reference_bit_for_bit(tiny_llama_dir, autocast, kept):
     """With fresh adapters (B = 0) the policy is the reference, so the first update's KL must be
     exactly 0 in every token: the factored layers add the adapters' zero product exactly. Also
-    when the policy continues a kept prompt pass (with gradients, as in the rollout) and the
-    reference is taken in the same split shape."""
-    from policies.packed import _parts, factored_layers, prompt_pass
-    from policies.text import encode_completions
-
-    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
-    ac.store_frozen_in(amp, prepack=True)
-    assert factored_layers(_parts(ac.policy)[1]) is not None
-    enc = encode_completions(ac.tokenizer, ["Hello there", "Hi", "A longer prompt than the others"], ["General Kenobi", "How are you doing today?", "Yes"], add_eos=False)
-    P = enc.prompt_width
-    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-        with torch.no_grad():
-            ref = ac.reference_logprobs(enc, split=kept)
-        prompt = None
-        if kept:
-            with ac.adapter(POLICY):
-                prompt = prompt_pass(ac.policy, enc.input_ids[:, :P], enc.attention_mask[:, :P])
-        out = ac(enc.input_ids, enc.attention_mask, P, prompt=prompt)
-    m = enc.completion_mask[:, P:].bool()
-    assert out.logprobs.requires_grad  # the training forward's log-probs, graph and all
-    assert torch.equal(out.logprobs.detach()[m], ref[m])
+    when the policy's training forward continues the prompt pass kept from sampling (the
+    reference then taken in the same split shape)."""
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora", autocast=autocast)
+    ac.prepare_frozen()
+    torch.manual_seed(0)
+    enc, mask = _sampled_rows(ac, ["Hello there", "Hi", "A longer prompt than the others"], for_training=kept)
+    with ac.autocast():
+        ref = ac.reference_logprobs(enc)
+        logp, _ = ac.policy_forward(enc.input_ids, enc.attention_mask, enc.prompt_width)
+    assert ac.metrics()["engine/prompt_pass_reused"] == float(kept)
+    m = mask.bool()
+    assert logp.requires_grad  # the training forward's log-probs, graph and all
+    assert torch.equal(logp.detach()[m], ref[m])
 
 
-@pytest.mark.parametrize("layout", ["shared_lora", "shared_lora+joint_forward", "separate"])
+def test_engine_choice():
+    """'auto' runs Llama-family models padding-free on the CPU; 'hf' runs transformers' forward;
+    'packed' refuses a model it can't run."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from policies.engine import HFEngine
+    from policies.engine_choice import build_engine
+    from policies.packed import PackedEngine
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    llama.config._attn_implementation = "eager"
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    cpu = torch.device("cpu")
+    assert isinstance(build_engine("auto", llama, cpu), PackedEngine)
+    assert type(build_engine("hf", llama, cpu)) is HFEngine
+    assert type(build_engine("auto", gpt2, cpu)) is HFEngine
+    with pytest.raises(ValueError, match="packed"):
+        build_engine("packed", gpt2, cpu)
+
+
+@pytest.mark.parametrize("layout", ["shared_lora", "shared_lora+hf", "separate"])
 def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout, monkeypatch):
-    extra = {"separate": ["layout=separate", "model.lora.enabled=false"], "shared_lora+joint_forward": ["joint_forward=true"]}.get(layout, [])
-    joint_calls = []
-    real_joint = ActorCritic._joint_forward
-    monkeypatch.setattr(ActorCritic, "_joint_forward", lambda self, *a: joint_calls.append(1) or real_joint(self, *a))
-    import policies.actor_critic as ac_mod
-
-    continued = []
-    real_continued = ac_mod.continued_hidden_states
-    monkeypatch.setattr(ac_mod, "continued_hidden_states", lambda *a: continued.append(1) or real_continued(*a))
+    extra = {"separate": ["layout=separate", "model.lora.enabled=false"], "shared_lora+hf": ["model.engine=hf"]}.get(layout, [])
     cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "eval_samples_per_prompt=2", "eval_batch_size=3", *extra)
     torch.manual_seed(0)
     before = ActorCritic.build(cfg.model, cfg.layout)
@@ -106,33 +126,33 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
 
     real_update = ppo_mod.ppo_update
 
-    def spy(model, optimizer, accelerator, ro, c, amp):
-        out = real_update(model, optimizer, accelerator, ro, c, amp)
-        captured["model"] = accelerator.unwrap_model(model)
+    def spy(model, ac, *args):
+        out = real_update(model, ac, *args)
+        captured["model"] = ac
         return out
 
-    ppo_mod.ppo_update = spy
-    try:
-        torch.manual_seed(0)
-        summary = run(cfg)
-    finally:
-        ppo_mod.ppo_update = real_update
+    monkeypatch.setattr(ppo_mod, "ppo_update", spy)
+    torch.manual_seed(0)
+    summary = run(cfg)
     trained = dict(captured["model"].trainable_named_parameters())
+    assert captured["model"].engine.name == ("hf" if layout == "shared_lora+hf" else "packed")
     assert init.keys() == trained.keys()
     unchanged = [n for n in init if torch.equal(init[n], trained[n].detach())]
     assert not unchanged, (len(unchanged), len(init), unchanged[:5])
-    assert len(joint_calls) == (2 if layout == "shared_lora+joint_forward" else 0)  # one step per update
-    kept = layout == "shared_lora"  # on by default for shared_lora only
-    assert len(continued) == (4 if kept else 0)  # per update: the policy continues its kept prompt pass, the reference its own
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward/raw_mean", "kl/k1", "kl/k3", "policy/entropy", "policy/clip_fraction", "loss/value",
                 "value/explained_variance", "policy/approx_kl", "response/length", "response/no_eos_fraction",
-                "tokens_per_s", "reward/invalid_fraction", "kl_coef", "memory/heap_in_use_mib", "memory/heap_free_mib"):
+                "tokens_per_s", "reward/invalid_fraction", "kl_coef", "grad_norm"):
         assert key in metrics[-1], key
     assert metrics[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
-    assert [m["rollout/prompt_pass_kept"] for m in metrics] == [float(kept)] * 2
-    assert 10 < metrics[-1]["memory/heap_in_use_mib"] < 24 * 1024  # this process's live heap, models included
+    kept = layout == "shared_lora"  # on by default for shared_lora, on the packed engine
+    assert [m["engine/prompt_pass_reused"] for m in metrics] == [float(kept)] * 2
+    if layout != "shared_lora+hf":  # the packed CPU engine reports glibc's heap: at least the models' weights live in it
+        weights_mib = sum(p.numel() * p.element_size() for p in captured["model"].parameters()) / 2**20
+        assert metrics[-1]["memory/heap_in_use_mib"] >= weights_mib and metrics[-1]["memory/heap_free_mib"] >= 0
+    else:
+        assert "memory/heap_in_use_mib" not in metrics[-1]
     assert metrics[-1]["kl/k3"] >= 0
     assert summary["eval_before"]["prompts"] == 2 and "reward_mean" in summary["eval_after"]
     assert summary["eval_change"]["prompts"] == 2
@@ -142,9 +162,22 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     assert [(e["index"], e["sample"]) for e in evaluated] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # 2 prompts × 2 samples
 
 
-def _one_update(cfg, *, with_old, random_value_head=False, keep_prompt_pass=False):
-    """One rollout of 4 fixed prompts and one ppo_update, seeded: (rollout, stats, parameters
-    after, parameters before)."""
+class _OneForward:
+    """The accelerator, but the loop takes its multi-process path: one forward of the wrapped
+    module and one backward per step (as under DDP), on this one process."""
+
+    num_processes = 2
+
+    def __init__(self, accelerator):
+        self._acc = accelerator
+
+    def __getattr__(self, name):
+        return getattr(self._acc, name)
+
+
+def _one_update(cfg, *, for_training=False, random_value_head=False, one_forward=False):
+    """One rollout of 4 fixed prompts and one ppo_update, seeded: (experience, stats, parameters
+    after, parameters before, prompt passes reused)."""
     from accelerate import Accelerator
 
     from policies.text import render_prompt
@@ -153,7 +186,7 @@ def _one_update(cfg, *, with_old, random_value_head=False, keep_prompt_pass=Fals
 
     provider = build_provider(cfg.reward)
     torch.manual_seed(0)
-    ac = ActorCritic.build(cfg.model, cfg.layout)
+    ac = ActorCritic.build(cfg.model, cfg.layout, cfg.engine, cfg.autocast)
     if random_value_head:  # a critic that is not V ≡ 0, so value gradients and clipping matter
         with torch.no_grad():
             ac.value_head.linear.weight.normal_(0, 0.3)
@@ -166,20 +199,21 @@ def _one_update(cfg, *, with_old, random_value_head=False, keep_prompt_pass=Fals
             ac.policy(input_ids=torch.tensor([[1, 2]]))
     prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["Hi there", "How are you?", "Tell me a joke", "What is 2+2?"]]
     torch.manual_seed(1)
-    ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), None, with_old=with_old, keep_prompt_pass=keep_prompt_pass)
-    assert (ro.advantages is None) == (not with_old)
-    assert (ro.prompt_pass is not None) == (keep_prompt_pass and not with_old)
+    ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), for_training=for_training)
     init = {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}
     optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
+    accelerator = Accelerator(cpu=True)
     torch.manual_seed(2)
-    stats = ppo_update(ac, optimizer, Accelerator(cpu=True), ro, cfg, None)
-    return ro, stats, {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}, init
+    b_exp, stats = ppo_update(ac, ac, optimizer, _OneForward(accelerator) if one_forward else accelerator, ro, cfg)
+    reused = ac.metrics()["engine/prompt_pass_reused"]
+    return (ro, b_exp), stats, {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}, init, reused
 
 
 def _assert_same_update(a, b, *, atol):
-    (ro_a, stats_a, params_a, _), (ro_b, stats_b, params_b, _) = a, b
+    ((ro_a, exp_a), stats_a, params_a, *_), ((ro_b, exp_b), stats_b, params_b, *_) = a, b
+    assert torch.equal(ro_a.enc.input_ids, ro_b.enc.input_ids)  # the same samples
     for field in ("logprobs", "values", "advantages", "returns"):
-        torch.testing.assert_close(getattr(ro_b, field), getattr(ro_a, field), atol=atol, rtol=1e-5)
+        torch.testing.assert_close(getattr(exp_b, field), getattr(exp_a, field), atol=atol, rtol=1e-5)
     assert stats_a.keys() == stats_b.keys()
     for k in stats_a:
         assert stats_b[k] == pytest.approx(stats_a[k], rel=1e-4, abs=atol), k
@@ -187,109 +221,116 @@ def _assert_same_update(a, b, *, atol):
         torch.testing.assert_close(params_b[n], params_a[n], atol=atol, rtol=1e-4)
 
 
-def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_path):
+def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_path, monkeypatch):
     """With one minibatch, π_old and V_old taken from the first training forward give the same
     advantages, the same statistics and the same trained parameters as a separate no-grad pass."""
-    from rlhf.ppo import fuse_old_forward
+    import rlhf.ppo as ppo_mod
 
     cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "ppo_epochs=2")
-    assert fuse_old_forward(cfg) and not fuse_old_forward(tiny_ppo_cfg(tiny_llama_dir, tmp_path, "num_minibatches=2"))
-    separate, fused = _one_update(cfg, with_old=True), _one_update(cfg, with_old=False)
+    assert ppo_mod.fuse_old_forward(cfg) and not ppo_mod.fuse_old_forward(tiny_ppo_cfg(tiny_llama_dir, tmp_path, "num_minibatches=2"))
+    fused = _one_update(cfg)
+    monkeypatch.setattr(ppo_mod, "fuse_old_forward", lambda c: False)
+    separate = _one_update(cfg)
     _assert_same_update(separate, fused, atol=1e-5)
     params, init = separate[2], separate[3]
     assert any(not torch.equal(params[n], init[n]) for n in init)  # the update did train
 
 
-@pytest.mark.parametrize("overrides, with_old", [(("ppo_epochs=2",), False), (("num_minibatches=2", "ppo_epochs=2"), True)])
-def test_sequential_backward_gives_the_joint_update(tiny_llama_dir, tmp_path, overrides, with_old):
-    """Policy, then critic in row chunks (never both graphs in full) trains exactly as one joint
-    forward and backward, on a fused first step and on steps with known advantages."""
-    joint, sequential = (
-        _one_update(tiny_ppo_cfg(tiny_llama_dir, tmp_path, *overrides, f"sequential_backward={flag}", "critic_chunks=3"), with_old=with_old, random_value_head=True)
-        for flag in ("false", "true")
-    )
-    _assert_same_update(joint, sequential, atol=1e-6)
-    params, init = joint[2], joint[3]
+@pytest.mark.parametrize("overrides", [("ppo_epochs=2",), ("num_minibatches=2", "ppo_epochs=2"), ("layout=separate", "model.lora.enabled=false")])
+def test_split_backward_gives_the_one_forward_update(tiny_llama_dir, tmp_path, overrides):
+    """One process backpropagates the critic in row chunks and the policy apart (never both
+    graphs in full); it trains exactly as one forward and one backward of the whole loss (the
+    DDP path), on a fused first step and on steps with known advantages."""
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, *overrides, "engine.critic_chunks=3")
+    one, split = (_one_update(cfg, random_value_head=True, one_forward=flag) for flag in (True, False))
+    _assert_same_update(one, split, atol=1e-5 if "layout=separate" in overrides else 1e-6)
+    params, init = one[2], one[3]
     moved = [n for n in init if not torch.equal(params[n], init[n])]
-    assert any(".policy." in n for n in moved) and any(".critic." in n for n in moved) and "value_head.linear.weight" in moved
+    assert any(n.startswith("policy.") for n in moved) and "value_head.linear.weight" in moved
+    if "layout=separate" not in overrides:
+        assert any(".policy." in n for n in moved) and any(".critic." in n for n in moved)
 
 
-@pytest.mark.parametrize("overrides, atol", [((), 1e-5), (("sequential_backward=false",), 1e-5), (("model.quantization=4bit",), 1e-5),
-                                             (("layout=separate", "model.lora.enabled=false"), 1e-4)])
-def test_kept_prompt_pass_gives_the_same_update(tiny_llama_dir, tmp_path, overrides, atol, monkeypatch):
+@pytest.mark.parametrize("overrides, atol", [((), 1e-5), (("model.quantization=4bit",), 1e-5),
+                                             (("layout=separate", "model.lora.enabled=false", "engine.keep_prompt_pass=true"), 1e-4)])
+def test_kept_prompt_pass_gives_the_same_update(tiny_llama_dir, tmp_path, overrides, atol):
     """The policy's pass over the prompts kept from sampling and continued by the first training
-    forward (`keep_prompt_pass`, the reference then taken in the same split shape) samples the
-    same completions and trains as a training forward over the whole rows, to rounding (full models: Adam's first steps, at lr 1e-2, turn gradient
-    rounding on a near-zero gradient into differences up to 4e-5 in a parameter); the
-    continuation really runs, once, and the rollout lets go of the pass."""
-    import policies.actor_critic as ac_mod
-
-    calls = []
-    real = ac_mod.continued_hidden_states
-    monkeypatch.setattr(ac_mod, "continued_hidden_states", lambda *a: calls.append(1) or real(*a))
+    forward (the reference then taken in the same split shape) samples the same completions and
+    trains as a training forward over the whole rows, to rounding (full models: Adam's first
+    steps, at lr 1e-2, turn gradient rounding on a near-zero gradient into differences up to
+    4e-5 in a parameter); the continuation really runs, once."""
     cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "ppo_epochs=2", *overrides)
-    whole = _one_update(cfg, with_old=False, random_value_head=True)
-    assert not calls
-    kept = _one_update(cfg, with_old=False, random_value_head=True, keep_prompt_pass=True)
-    assert len(calls) == 2 and kept[0].prompt_pass is None  # the policy's continuation and the reference's, once each
-    assert torch.equal(kept[0].enc.input_ids, whole[0].enc.input_ids)
+    whole = _one_update(cfg, random_value_head=True)
+    kept = _one_update(cfg, for_training=True, random_value_head=True)
+    assert whole[4] == 0 and kept[4] == 1
     _assert_same_update(whole, kept, atol=atol)
     params, init = kept[2], kept[3]
     assert any(not torch.equal(params[n], init[n]) for n in init)
 
 
-def test_prompt_pass_is_kept_only_where_the_first_forward_can_take_it():
-    from rlhf.ppo import keeps_prompt_pass
+def test_engine_settings_defaults_follow_the_layout(tiny_llama_dir):
+    """The critic runs in one chunk and the prompt pass is kept for shared_lora; full models run
+    the critic in 4 chunks and keep no pass unless asked; the settings override both."""
+    from rlhf.config import ConfigError, EngineConfig
 
-    def keeps(*overrides, processes=1):
-        return keeps_prompt_pass(load_config(PPOConfig, None, ["reward={type: bt, path: rm}", *overrides]), processes)
+    lora, full = ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), ModelConfig(name=str(tiny_llama_dir))
+    shared = ActorCritic.build(lora, "shared_lora")
+    assert (shared.critic_chunks, shared.keep_prompt_pass) == (1, True)
+    assert [len(c) for c in shared.critic_row_chunks(4)] == [4]
+    separate = ActorCritic.build(full, "separate")
+    assert (separate.critic_chunks, separate.keep_prompt_pass) == (4, False)
+    assert [len(c) for c in separate.critic_row_chunks(3)] == [1, 1, 1]
+    tuned = ActorCritic.build(full, "separate", EngineConfig(critic_chunks=2, keep_prompt_pass=True))
+    assert (tuned.critic_chunks, tuned.keep_prompt_pass) == (2, True)
+    with pytest.raises(ConfigError, match="engine.critic_chunks"):
+        load_config(PPOConfig, None, ["reward={type: bt, path: rm}", "engine.critic_chunks=0"])
 
-    assert keeps()
-    assert not keeps("layout=separate", "model.lora.enabled=false")  # full models: off unless asked for
-    assert keeps("layout=separate", "model.lora.enabled=false", "keep_prompt_pass=true")
-    assert not keeps(processes=2)  # DDP: a training step is one forward of the wrapped module
-    assert not keeps("num_minibatches=2") and not keeps("grad_accum_steps=2")  # no fused first step
-    assert not keeps("joint_forward=true") and not keeps("keep_prompt_pass=false")
 
-
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tiny_llama_dir, tmp_path, amp):
-    """A LoRA reward model trained on the policy's base runs as a frozen adapter on that base:
-    same scores as the model loaded on its own, the policy is untouched, nothing new trains."""
-    from policies.packed import stack_frozen_projections
-    from rewards.reward_model import RewardModelProvider, load_reward_model, new_reward_model
+def _trained_looking_reward_model(tiny_llama_dir, path, lora):
+    from rewards.reward_model import new_reward_model
 
     torch.manual_seed(0)
-    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4, last_layers=1)), "linear")
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=lora), "linear")
     with torch.no_grad():
         for n, p in rm.named_parameters():
             if "lora_B" in n or n == "head.net.0.weight":  # as trained: adapter and head not at their zero init
                 p.normal_()
-    rm.save(tmp_path / "rm")
-    prompts, completions = ["Hi there", "What is 2+2?", "Tell me a joke"], ["Hello!", "4", "No."]
-    mode = "none" if amp is None else "bfloat16"
-    alone = RewardModelProvider(load_reward_model(tmp_path / "rm"), autocast_mode=mode).score(prompts, completions).rewards
+    rm.save(path)
 
-    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
+
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tiny_llama_dir, tmp_path, autocast):
+    """A LoRA reward model trained on the policy's base runs as a frozen adapter on that base:
+    same scores as the model loaded on its own, the policy is untouched, nothing new trains."""
+    from rewards.registry import build_provider
+
+    _trained_looking_reward_model(tiny_llama_dir, tmp_path / "rm", LoraConfig(enabled=True, r=4, last_layers=1))
+    spec = {"type": "bt", "path": str(tmp_path / "rm"), "autocast": autocast}
+    prompts, completions = ["Hi there", "What is 2+2?", "Tell me a joke"], ["Hello!", "4", "No."]
+    alone_provider = build_provider(spec)
+    assert alone_provider.shared_adapter() is None
+    alone = alone_provider.score(prompts, completions).rewards
+
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora", autocast=autocast)
     with torch.no_grad():
         for n, p in ac.policy.named_parameters():
             if "lora_B" in n:
                 p.normal_()
     trainable = [n for n, _ in ac.trainable_named_parameters()]
-    enc = rm.encode(prompts, completions)
-    stack_frozen_projections(ac.policy)  # as store_frozen_in below will: the same (factored) pass before and after
-    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+    enc = alone_provider.model.encode(prompts, completions)
+    ac.engine.prepare_frozen(ac.policy)  # as prepare_frozen below will: the same (factored) pass before and after
+    with ac.autocast():
         policy_before = ac(enc.input_ids, enc.attention_mask, enc.prompt_width).logprobs
-    shared_rm = ac.attach_reward_model(str(tmp_path / "rm"))
-    assert shared_rm is not None
-    ac.store_frozen_in(amp)
-    shared = RewardModelProvider(shared_rm, autocast_mode=mode).score(prompts, completions).rewards
+    provider = build_provider(spec, host=ac)
+    assert provider.shared_adapter() == "reward"
+    ac.prepare_frozen()
+    shared = provider.score(prompts, completions).rewards
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(shared, torch.zeros_like(shared))
     assert ac.policy.active_adapter == POLICY
     assert [n for n, _ in ac.trainable_named_parameters()] == trainable  # the reward adapter stays frozen
     assert all(p.requires_grad for _, p in ac.trainable_named_parameters())
-    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+    with ac.autocast():
         policy_after = ac(enc.input_ids, enc.attention_mask, enc.prompt_width).logprobs
     torch.testing.assert_close(policy_after, policy_before, atol=1e-5, rtol=1e-5)
 
@@ -298,38 +339,34 @@ def test_critic_can_start_as_the_reward_model(tiny_llama_dir, tmp_path):
     """With the reward adapter copied into the critic adapter and the reward head into the value
     head, V(s_t) is the reward model's head on the reward model's own hidden states."""
     from policies.text import encode_completions
-    from rewards.reward_model import new_reward_model
+    from rewards.registry import build_provider
 
-    torch.manual_seed(0)
     lora = LoraConfig(enabled=True, r=4)
-    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=lora), "linear")
-    with torch.no_grad():
-        for n, p in rm.named_parameters():
-            if "lora_B" in n or n == "head.net.0.weight":  # as trained: adapter and head not at their zero init
-                p.normal_()
-    rm.save(tmp_path / "rm")
+    _trained_looking_reward_model(tiny_llama_dir, tmp_path / "rm", lora)
     ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=lora), "shared_lora")
-    shared = ac.attach_reward_model(str(tmp_path / "rm"))
+    provider = build_provider({"type": "bt", "path": str(tmp_path / "rm")}, host=ac)
     ac.init_value_head_from_reward_model(str(tmp_path / "rm"))
-    assert ac.init_critic_adapter_from_reward() > 0
+    assert ac.init_critic_adapter_from(provider.shared_adapter()) > 0
     enc = encode_completions(ac.tokenizer, ["Hi there", "What is 2+2?"], ["Hello!", "4"])
     with torch.no_grad():
         values = ac(enc.input_ids, enc.attention_mask, enc.prompt_width).values  # V(s_t), t = 0 … C-1
-        hidden = shared.hidden_states(enc)
+        hidden = provider.model.hidden_states(enc)
     P = enc.prompt_width
-    from_rm = shared.head(hidden[:, P - 1 : -1])  # the reward head on the reward adapter's hidden states
+    from_rm = provider.model.head(hidden[:, P - 1 : -1])  # the reward head on the reward adapter's hidden states
     torch.testing.assert_close(values, from_rm.float(), atol=1e-5, rtol=1e-5)
     assert [n for n, _ in ac.trainable_named_parameters()] == [n for n, _ in ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=lora), "shared_lora").trainable_named_parameters()]
 
 
 def test_reward_model_on_another_base_is_not_shared(tiny_llama_dir, tmp_path):
+    from rewards.registry import build_provider
     from rewards.reward_model import new_reward_model
 
     rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=False)), "linear")
     rm.save(tmp_path / "rm_full")  # fully fine-tuned: its own backbone, nothing to share
     ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora")
-    assert ac.attach_reward_model(str(tmp_path / "rm_full")) is None
-
+    provider = build_provider({"type": "bt", "path": str(tmp_path / "rm_full")}, host=ac)
+    assert provider.shared_adapter() is None
+    assert "reward" not in ac.policy.peft_config
 
 
 def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_dir, tmp_path):
@@ -346,94 +383,15 @@ def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_di
                        "kl.coef=0.0", "ppo_epochs=4", "lr=3e-3")
     provider = build_provider(cfg.reward)
     torch.manual_seed(0)
-    ac = ActorCritic.build(cfg.model, cfg.layout)
+    ac = ActorCritic.build(cfg.model, cfg.layout, autocast=cfg.autocast)
     ac.temperature = cfg.sampling.temperature
     prompts = [(p, render_prompt(ac.tokenizer, p)) for p in ["a good question", "a bad question", "another good one", "another bad one"]]
-    ro = collect_rollout(ac, provider, prompts, cfg, 0.0, RunningMoments(), None)
+    ro = collect_rollout(ac, provider, prompts, cfg, 0.0, RunningMoments())
     assert ro.raw_scores.tolist() == [1.0, -1.0, 1.0, -1.0]
     optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
-    ppo_update(ac, optimizer, Accelerator(cpu=True), ro, cfg, None)
+    b_exp, _ = ppo_update(ac, ac, optimizer, Accelerator(cpu=True), ro, cfg)
     with torch.no_grad():
         after = ac(ro.enc.input_ids, ro.enc.attention_mask, ro.enc.prompt_width).logprobs
-    change = ((after - ro.logprobs) * ro.mask).sum(-1)  # Δ log π(y|x) per sample
+    change = ((after - b_exp.logprobs) * ro.mask).sum(-1)  # Δ log π(y|x) per sample
     assert change[0] > 0 and change[2] > 0, change
     assert change[1] < 0 and change[3] < 0, change
-
-
-def test_critic_chunks_default_follows_the_layout():
-    from rlhf.ppo import critic_chunks
-
-    def chunks(*overrides):
-        return critic_chunks(load_config(PPOConfig, None, ["reward={type: bt, path: rm}", *overrides]))
-
-    assert chunks() == 1  # shared_lora: the critic's small graph fits beside the policy's
-    assert chunks("layout=separate", "model.lora.enabled=false") == 4  # full fp32 models: 4 chunks
-    assert chunks("layout=separate", "model.lora.enabled=false", "critic_chunks=2") == 2
-    with pytest.raises(ValueError, match="critic_chunks"):
-        chunks("critic_chunks=0")
-
-
-@pytest.mark.parametrize("amp, checkpointing, last_layers", [(None, False, None), (torch.bfloat16, False, None), (None, True, None), (None, False, 1)])
-def test_joint_pass_of_policy_and_critic_equals_the_two_passes(tiny_llama_dir, amp, checkpointing, last_layers, monkeypatch):
-    """The policy and the critic as one batched pass over their shared base (each half of the rows
-    with its own adapter, `adapter_sets`) give the log-probs, entropy and values of the two
-    passes, and the same gradients for both adapters and the value head, to rounding, also with
-    activation checkpointing; the grouped low-rank path and the grouped `_GatedDown` really run
-    (counted). With adapters on the top layer only, the layer below runs once, on one copy."""
-    import policies.packed as pk
-    from policies.models import enable_activation_checkpointing
-    from policies.text import encode_completions
-
-    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4, last_layers=last_layers)), "shared_lora")
-    ac.store_frozen_in(amp)
-    if checkpointing:
-        assert enable_activation_checkpointing(ac.policy) == 2
-    torch.manual_seed(3)
-    with torch.no_grad():  # trained-looking adapters that differ, and a value head that reads them
-        for n, p in ac.trainable_named_parameters():
-            p.normal_(0, 0.2)
-    assert ac.can_run_jointly(16)
-    enc = encode_completions(ac.tokenizer, ["Hello there", "Hi", "A longer prompt than the others"], ["General Kenobi", "How are you doing today?", "Yes"], add_eos=False)
-    m = enc.completion_mask[:, enc.prompt_width :].bool()
-    grouped, layer_rows = [], []
-    real, real_layer = pk._plus_low_rank, pk._layer_forward
-
-    def counting(y, x, a, b):
-        grouped.append(a.dim() == 3)
-        return real(y, x, a, b)
-
-    def layer_counting(layer, x, *args):
-        layer_rows.append(x.shape[0])
-        return real_layer(layer, x, *args)
-
-    monkeypatch.setattr(pk, "_plus_low_rank", counting)
-    monkeypatch.setattr(pk, "_layer_forward", layer_counting)
-
-    def run(joint):
-        ac.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            out = ac(enc.input_ids, enc.attention_mask, enc.prompt_width, joint=joint)
-        g = torch.Generator().manual_seed(4)
-        w1, w2 = torch.randn(m.shape, generator=g), torch.randn(m.shape, generator=g)
-        ((out.logprobs.float() * w1)[m].sum() + (out.values.float() * w2)[m].sum()).backward()
-        return out, {n: p.grad.clone() for n, p in ac.trainable_named_parameters() if p.grad is not None}
-
-    two, grads_two = run(False)
-    assert grouped and not any(grouped)
-    n = layer_rows[0]  # the packed rows of one copy
-    grouped.clear()
-    layer_rows.clear()
-    joint, grads_joint = run(True)
-    assert grouped and all(grouped)
-    adapted = 1 if last_layers else 2  # of the tiny model's 2 layers
-    # q/k/v, o, gate/up and down (inside `_GatedDown`) of each adapted layer; recomputed with checkpointing
-    assert len(grouped) == 4 * adapted * (2 if checkpointing else 1)
-    assert layer_rows[:2] == ([n, 2 * n] if last_layers else [2 * n, 2 * n])
-    tol = dict(atol=1e-5, rtol=1e-5) if amp is None else dict(atol=2e-2, rtol=2e-2)
-    for field in ("logprobs", "entropy", "values"):
-        torch.testing.assert_close(getattr(joint, field)[m].float(), getattr(two, field)[m].float(), **tol)
-    assert grads_joint.keys() == grads_two.keys()
-    assert any(".critic." in n for n in grads_two) and any(".policy." in n for n in grads_two) and "value_head.linear.weight" in grads_two
-    for n in grads_two:
-        scale = grads_two[n].abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(grads_joint[n] / scale, grads_two[n] / scale, **tol, msg=n)

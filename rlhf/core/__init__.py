@@ -14,6 +14,7 @@ from rlhf.core.ppo import (
     kl_penalty,
     masked_var,
     per_token_rewards,
+    ppo_loss,
     ppo_policy_loss,
     whiten,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "kl_penalty",
     "masked_var",
     "per_token_rewards",
+    "ppo_loss",
     "ppo_policy_loss",
     "whiten",
     "bt_loss",

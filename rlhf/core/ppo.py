@@ -208,3 +208,45 @@ class AdaptiveKLController:
         error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    values: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float,
+    value_clip: float,
+    vf_coef: float,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO objective of one (micro-)batch and its statistics.
+
+    L = L^CLIP_π + c_V · L^CLIP_V   (Schulman et al. 2017, eq. 9, without an entropy bonus, as
+    in Ouyang et al. 2022): `ppo_policy_loss` plus `vf_coef` times `clipped_value_loss`. The two
+    terms touch disjoint parameters (policy vs critic), so a caller may backpropagate them
+    apart; given detached `values`, the loss's gradient is the policy term's alone.
+
+    logprobs, values: (B, T) log π_θ(a_t|s_t) and V_φ(s_t); old_*: the same under θ_old, φ_old;
+    advantages, returns: (B, T) Â_t (whitened) and R_t; mask: (B, T) completion tokens;
+    entropy: (B, T) H(π_θ(·|s_t)), a statistic only. Returns (loss, stats), the stats as
+    detached scalars: `loss/policy`, `loss/value`, `policy/clip_fraction`, `policy/approx_kl`,
+    `value/clip_fraction`, `value/explained_variance` (of V_old against R) and, with `entropy`,
+    `policy/entropy`."""
+    pg = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip)
+    vf, vf_clipped = clipped_value_loss(values, old_values, returns, mask, value_clip)
+    stats = {
+        "loss/policy": pg.loss.detach(),
+        "loss/value": vf.detach(),
+        "policy/clip_fraction": pg.clip_fraction.detach(),
+        "policy/approx_kl": pg.approx_kl.detach(),
+        "value/clip_fraction": vf_clipped.detach(),
+        "value/explained_variance": explained_variance(old_values, returns, mask).detach(),
+    }
+    if entropy is not None:
+        stats["policy/entropy"] = masked_mean(entropy.detach().float(), mask)
+    return pg.loss + vf_coef * vf, stats
