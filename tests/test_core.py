@@ -37,7 +37,7 @@ def test_token_logprobs_agrees_with_log_softmax_and_keeps_inputs():
 def test_blockwise_logprobs_entropy_and_gradient_match_log_softmax(monkeypatch, dtype, tau):
     import rlhf.core.logprobs as lp
 
-    monkeypatch.setattr(lp, "BLOCK_BYTES", 4 * 13 * 3)  # 3 rows per block: 15 rows in 5 blocks
+    monkeypatch.setattr(lp, "BLOCK_BYTES", {"cpu": 4 * 13 * 3})  # 3 rows per block: 15 rows in 5 blocks
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 5, 13)).to(dtype).requires_grad_()
     labels = torch.randint(0, 13, (3, 5))
@@ -57,7 +57,7 @@ def test_blockwise_logprobs_entropy_and_gradient_match_log_softmax(monkeypatch, 
 def test_blockwise_logprobs_pass_gradcheck(monkeypatch):
     import rlhf.core.logprobs as lp
 
-    monkeypatch.setattr(lp, "BLOCK_BYTES", 4 * 7 * 2)  # 2 rows per block
+    monkeypatch.setattr(lp, "BLOCK_BYTES", {"cpu": 4 * 7 * 2})  # 2 rows per block
     torch.manual_seed(1)
     logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 7, (2, 3))
@@ -195,3 +195,12 @@ def test_last_token_index_any_padding():
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
     assert last_token_index(mask).tolist() == [4, 2, 2, 0]
+
+
+def test_log_prob_blocks_are_cpu_sized_on_the_cpu_only():
+    """8 MiB float32 blocks on the CPU (heap reuse, cache); a GPU takes 32 times larger blocks."""
+    import rlhf.core.logprobs as lp
+
+    V = 49152
+    assert lp._block_rows(V, torch.device("cpu")) == 8 * 2**20 // (4 * V)
+    assert lp._block_rows(V, torch.device("cuda")) == 32 * lp._block_rows(V, torch.device("cpu"))

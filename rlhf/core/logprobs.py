@@ -20,15 +20,16 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return token_logprobs_and_entropy(logits, labels, temperature, with_entropy=False)[0]
 
 
-# Rows per block: a float32 block of V = 49152 entries stays at 8 MiB, under glibc's 32 MiB
-# mmap threshold, so its buffer comes back from the heap instead of as fresh pages that fault
-# in on every operation (a 50 MB fp32 `exp` took 23 ms allocated and 5 ms into a reused buffer
-# on this project's CPU), and stays in cache across the block's operations.
-BLOCK_BYTES = 8 * 1024 * 1024
+# Bytes per float32 block of rows. On the CPU, 8 MiB stays under glibc's 32 MiB mmap threshold,
+# so the block's buffer comes back from the heap instead of as fresh pages that fault in on
+# every operation, and stays in cache across the block's operations (docs/performance.md). On a
+# GPU, small blocks only add kernel launches: a block there holds up to 256 MiB.
+BLOCK_BYTES = {"cpu": 8 * 1024 * 1024}
+GPU_BLOCK_BYTES = 256 * 1024 * 1024
 
 
-def _block_rows(V: int) -> int:
-    return max(1, BLOCK_BYTES // (4 * V))
+def _block_rows(V: int, device: torch.device) -> int:
+    return max(1, BLOCK_BYTES.get(device.type, GPU_BLOCK_BYTES) // (4 * V))
 
 
 def _scaled(block: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -50,7 +51,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if with_entropy else None
-        rows = _block_rows(V)
+        rows = _block_rows(V, logits.device)
         for s in range(0, n, rows):
             z = _scaled(flat[s : s + rows], temperature)
             torch.logsumexp(z, dim=-1, out=lse[s : s + rows])
@@ -73,7 +74,7 @@ class _TokenLogprobs(torch.autograd.Function):
         V = logits.shape[-1]
         flat, lab, g = logits.reshape(-1, V), labels.reshape(-1, 1), grad_logp.reshape(-1, 1).to(lse.dtype)
         grad = torch.empty_like(flat)
-        rows = _block_rows(V)
+        rows = _block_rows(V, logits.device)
         for s in range(0, flat.shape[0], rows):
             z = _scaled(flat[s : s + rows], tau)
             z.sub_(lse[s : s + rows, None]).exp_().mul_(g[s : s + rows].neg())  # −softmax · g
