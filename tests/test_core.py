@@ -198,9 +198,9 @@ def test_last_token_index_any_padding():
 
 
 def test_log_prob_blocks_are_cpu_sized_on_the_cpu_only():
-    """8 MiB float32 blocks on the CPU (heap reuse, cache); a GPU takes 32 times larger blocks."""
+    """8 MiB float32 blocks on the CPU (heap reuse, cache); 256 MiB ones on a GPU."""
     import rlhf.core.logprobs as lp
 
     V = 49152
     assert lp._block_rows(V, torch.device("cpu")) == 8 * 2**20 // (4 * V)
-    assert lp._block_rows(V, torch.device("cuda")) == 32 * lp._block_rows(V, torch.device("cpu"))
+    assert lp._block_rows(V, torch.device("cuda")) == 256 * 2**20 // (4 * V)
