@@ -106,9 +106,9 @@ PACK_MULTIPLE = 64
 def _packed_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Row-major positions of the real tokens, topped up with padding positions to a multiple of
     PACK_MULTIPLE (at most B·T). The count of real tokens changes from batch to batch; matmuls
-    of ever-new sizes made the process's resident memory creep up by 60-80 MB per PPO update
-    (allocator and oneDNN caches keyed by size). The extra positions are padding: no real token
-    attends to them, and their outputs are dropped."""
+    of ever-new sizes made the process's resident memory creep up from update to update
+    (allocator and oneDNN caches keyed by size; docs/performance.md). The extra positions are
+    padding: no real token attends to them, and their outputs are dropped."""
     flat = attention_mask.reshape(-1).bool()
     n = int(flat.sum())
     target = min(flat.numel(), -(-n // PACK_MULTIPLE) * PACK_MULTIPLE)
@@ -165,8 +165,7 @@ class _Scatter(torch.autograd.Function):
     """Rows t (N, …) into rows `index` of a zero (M, …) tensor; the backward gathers them back.
     `index_copy` does the same, but its autograd formula keeps the whole source tensor alive
     for the backward (it uses it only for its shape): the queries and keys in fp32 after RoPE
-    and the q/k/v projection's output, 4.5 MB per layer and 140 MB per training forward of 8
-    rows of 160 tokens through SmolLM2-135M's 30 layers."""
+    and the q/k/v projection's output, in every layer (docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, t, index, rows):
@@ -186,8 +185,8 @@ def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class _Gather(torch.autograd.Function):
     """Rows `index` (distinct) of t. Autograd's backward of t[index] accumulates into zeros with
-    index_put (it allows repeated indices): 0.79 ms for 960 of 1280 rows of 576 in bf16, against
-    0.11 ms for the index_copy that distinct indices allow; once per layer and pass."""
+    index_put (it allows repeated indices), several times slower than the index_copy that
+    distinct indices allow (docs/performance.md); once per layer and pass."""
 
     @staticmethod
     def forward(ctx, t, index):
@@ -261,9 +260,8 @@ def _rotate(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
     on the queries and keys side by side, x (n, H + H_kv, d), in cos's dtype: the same numbers,
     elementwise, as rotating each (a low-precision x is cast up first, exactly, as the mixed-dtype
     products would), in 5 operator calls instead of 14 per layer, and without mixed-dtype ones.
-    rotate_half's two slices, negation and concatenation are one roll (`Rotary`): 0.57 → 0.40
-    ms forward and 2.07 → 1.13 ms forward + backward for 960 rows of 15 heads, 23 → 15 µs for
-    a decoding step's 8 rows."""
+    rotate_half's two slices, negation and concatenation are one roll (`Rotary`), faster
+    forward and backward (docs/performance.md)."""
     x = x.to(torch.promote_types(x.dtype, rot.cos.dtype))
     return x * rot.cos_h + x.roll(x.shape[-1] // 2, -1) * rot.signed_sin_h
 
@@ -296,7 +294,7 @@ class _GatedDown(torch.autograd.Function):
     """The MLP's second half, y = p·Wᵀ + bias + (p·Aᵀ)·Bᵀ with p = act(gate) ⊙ up, for a frozen
     W. Autograd would keep act(gate) and p (each n × intermediate) besides gate_up; here the
     backward recomputes them from gate_up (two elementwise ops), so the MLP keeps half the
-    memory: about 180 MB less per training forward of 8 rows of 160 tokens through SmolLM2-135M.
+    memory (docs/performance.md).
     The forward's numbers are those of the plain ops, and the backward differentiates the same
     ops (by autograd, on the recomputed p)."""
 
@@ -375,12 +373,10 @@ class Projection:
         """Reorder a bf16 or fp32 CPU weight without adapter factors, once, into oneDNN's blocked
         layout for matmuls of about `rows` rows (then any number of rows may follow). F.linear
         reorders a bf16 weight on every call, and runs fp32 through MKL, whose kernels on this
-        project's CPU (AMD EPYC) are slower than oneDNN's. Measured for SmolLM2-135M's 30
-        layers: a decoding step's matmuls of 8 rows, bf16 0.41 → 0.29 ms per layer, fp32
-        38.5 → 20 ms per step; its LM head, bf16 4.7 → 2.6 ms, fp32 15.3 → 3.9 ms; 1,077 rows
-        in fp32, 12-15% less time (0.18-0.20 → 0.22 TFLOP/s); bf16 750 rows 5-10% less. A
-        reorder costs 0.3-0.7 ms for a 3072 × 576 weight, so it pays where one packing serves
-        many calls: sampling (a prefill and a step per token). bf16 gives F.linear's bits
+        project's CPU (AMD EPYC) are slower than oneDNN's; prepacked, a decoding step's
+        matmuls and its LM head take less time, in bf16 and more so in fp32
+        (docs/performance.md). The reorder has a cost of its own, so it pays where one packing
+        serves many calls: sampling (a prefill and a step per token). bf16 gives F.linear's bits
         (test); fp32 sums in another order, so results differ from F.linear by rounding (about
         1e-7 relative): the sampler's choices only, never a log-prob that PPO uses."""
         if _can_prepack(self.weight, self.bias) and self.a is None:
@@ -570,11 +566,11 @@ def prepack_frozen_projections(model: Any) -> int:
     stacked, o, gate/up stacked, down) reordered once into oneDNN's blocked layout, beside the
     weights themselves (the backward still reads those): every factored pass, with or without
     gradients, then runs its base matmuls from the copies. On this project's CPU a bf16 matmul
-    of about 1,000 rows takes 12% less time prepacked (F.linear reorders the weight on every
-    call), with the same bits: SmolLM2-135M's four groups, 20.7 → 18.2 ms per layer, four such
-    passes per PPO update (reference, policy and critic forwards). The cost is one more copy of
-    the base's matmul weights (212 MB for SmolLM2-135M in bf16). A copy is used only while its
-    weight is unchanged (same memory, same version). Returns the number of weights packed."""
+    of about 1,000 rows takes less time prepacked (F.linear reorders the weight on every call),
+    with the same bits, and there are four such passes per PPO update (reference, policy and
+    critic forwards). The cost is one more copy of the base's matmul weights (figures:
+    docs/performance.md). A copy is used only while its weight is unchanged (same memory, same
+    version). Returns the number of weights packed."""
     if not can_pack(model):
         return 0
     count = 0
@@ -687,8 +683,8 @@ def _no_zeros(norm: Any) -> bool:
 class _RMSNormForMatmul(torch.autograd.Function):
     """h = (w ⊙ x·r).to(dtype), r = rsqrt(mean(x²) + ε): the Llama-family RMSNorm, op for op (same
     bits), cast to the dtype its projections compute in. Autograd would keep the fp32 input x
-    for the backward, 2.3 KB per token for SmolLM2, twice per layer: 130 MB per training
-    forward of 8 rows of 160 tokens. This keeps h instead (the projections keep it anyway) and
+    for the backward, one fp32 row per token, twice per layer (docs/performance.md). This keeps
+    h instead (the projections keep it anyway) and
     r, and recovers x·r = h / w in the backward, to h's precision: dx = r·(w⊙g − x̂·mean(x̂⊙w⊙g)).
     For a frozen w with no zeros."""
 
@@ -753,13 +749,11 @@ def packed_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
     With `read` (B, T) bool, only those positions are computed through the last layer's output
     projection and MLP (every position's keys and values still are), and the others hold zeros:
     PPO reads the C completion positions of about 120 per row, a reward model one, so the last
-    layer skips about three quarters of its matmul work (2% of a pass through SmolLM2-135M's
-    30 layers, forward and backward).
+    layer skips most of its matmul work (docs/performance.md).
     With `merge_weights`, a pass without gradients runs on merged dense weights
     (`dense_layers`, made for this call): the same function up to rounding, without the
     adapters' extra operators. Made for one pass of about 1,000 rows they are not prepacked:
-    the reorders cost what the faster matmuls save (reward scoring, 8-10 alternating
-    repetitions, medians: bf16 0.888 s prepacked against 0.865 s, fp32 0.836 s against 0.825 s).
+    the reorders cost what the faster matmuls save, in bf16 and in fp32 (docs/performance.md).
     With `merge_weights="keep"` (a frozen reward model scoring batch after batch) they are made
     once, prepacked, and kept on the model for the next passes while every weight they were
     made from is unchanged (`_kept_dense`). Any other pass runs on the factored layers where
@@ -898,9 +892,8 @@ def _kept_dense(model: Any, layers: Any, device: torch.device) -> list[DenseLaye
     """Merged `DenseLayer`s kept on the model between passes, prepacked: remade only when a
     weight or adapter they come from has changed (memory or version), another set of adapters
     is active, or the compute dtype differs. For a frozen LoRA reward model on the policy's base
-    this saves the merge (0.05 s) and runs every matmul prepacked (12% less time in bf16, the
-    same bits) in each scoring pass, for one kept copy of the merged weights (212 MB for
-    SmolLM2-135M in bf16)."""
+    this saves the merge and runs every matmul prepacked (less time in bf16, the same bits) in
+    each scoring pass, for one kept copy of the merged weights (docs/performance.md)."""
     dtype = _dense_dtype(layers, device)
     key = [dtype]
     for layer in layers:
@@ -928,8 +921,8 @@ def _decode_layer(layer: Any, x: torch.Tensor, rot: Rotary, K: torch.Tensor, V: 
     column `col` receives this token's key and value. Attention runs over the whole buffers, and
     `mask` (B, 1, 1, L) hides the columns not yet written (`packed_generate` opens each column at
     its step): a slice of the first col + 1 columns
-    is a strided matrix that the matmul copies first (q·Kᵀ of one SmolLM2 layer: 127 µs on the
-    slice, 51 µs on the whole buffer). Same result up to rounding: the masked columns add exact
+    is a strided matrix that the matmul copies first, slower than the whole buffer
+    (docs/performance.md). Same result up to rounding: the masked columns add exact
     zeros, in another summation order."""
     q, k, v = _rotated_qkv(layer, x, rot, rope, dense)
     K[:, :, col] = k
@@ -943,9 +936,10 @@ def _head_for(lm: Any, rows: int, prepack: bool) -> Any:
     fp32 Linear whose weight is in the dtype its matmul runs in (the autocast dtype, else its
     own), fed its input in that dtype; else the module itself. A frozen head's packed copy is
     kept on the model for the next call while its weight and bias are unchanged (same memory,
-    same version): SmolLM2-135M's head is 54 MiB in bf16, above glibc's mmap ceiling, so each
-    fresh copy came back as new pages, and packing it took 70 ms of every PPO update's rollout
-    (7.6 ms into warm memory). A trained head (full fine-tuning) is packed afresh per call."""
+    same version): SmolLM2-135M's head is 54 MiB in bf16, above glibc's 32 MiB mmap ceiling, so
+    each fresh copy came back as new pages, and packing into them cost every PPO update's
+    rollout far more than packing into warm memory (docs/performance.md). A trained head (full
+    fine-tuning) is packed afresh per call."""
     head = lm.get_output_embeddings()
     if not prepack or type(head) is not torch.nn.Linear or not _can_prepack(head.weight):
         return head
@@ -972,7 +966,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) 
     """One token per row from softmax(logits / τ), after top-k / top-p filtering (transformers'
     own warpers), by the Gumbel-max trick: argmax(z + G), G = −log(−log U), U ~ Uniform(0, 1),
     is an exact sample of softmax(z). torch.multinomial draws an exponential per vocabulary
-    entry, which took 8 ms per step for 8 × 49152 logits here; uniforms take under 2 ms."""
+    entry, several times slower per step than drawing the uniforms (docs/performance.md)."""
     if temperature <= 0:
         return logits.argmax(-1)
     z = logits / temperature
@@ -995,14 +989,14 @@ def packed_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     stopping once every row has ended. For packable models (`can_pack`) only.
 
     The prompt is prefilled padding-free, and each step runs the model's own modules on one
-    token per row against preallocated key/value buffers. transformers' `generate` adds about
-    20 ms a step on this project's CPU (attention-mask rebuilding, cache concatenation,
-    stopping-criteria checks and multinomial sampling) to a 60–80 ms step of SmolLM2-135M.
+    token per row against preallocated key/value buffers. transformers' `generate` adds a
+    sizeable share to each step on this project's CPU (attention-mask rebuilding, cache
+    concatenation, stopping-criteria checks and multinomial sampling; docs/performance.md).
 
     With `merge_weights` (and projections that have a dense form, `dense_layers`), it samples
     from one merged copy of the layers' matmul weights in the compute dtype, prepacked
-    (`Projection.prepack`, as is the LM head), made at the start and freed at the end: 212 MB
-    for SmolLM2-135M in bf16. The numbers differ from the adapters' by rounding only
+    (`Projection.prepack`, as is the LM head), made at the start and freed at the end (its size:
+    docs/performance.md). The numbers differ from the adapters' by rounding only
     (W + s·B·A rounded once against W·x + s·B·(A·x)); PPO recomputes every log-prob it uses
     with the modules themselves.
 
