@@ -15,9 +15,9 @@ from rlhf.ppo import PPOConfig, run
 from conftest import HH_TEST
 
 
-def tiny_ppo_cfg(tiny_llama_dir, tmp_path, *extra):
+def tiny_ppo_cfg(tiny_llama_dir, tmp_path, *extra, device="cpu"):
     return load_config(PPOConfig, None, [
-        f"model.name={tiny_llama_dir}", "model.lora.r=4",
+        f"model.name={tiny_llama_dir}", "model.lora.r=4", f"model.device={device}",
         "reward={type: function, path: 'reward_fns:length_reward'}",
         f"prompts.path={HH_TEST}", f"eval_prompts.path={HH_TEST}", "eval_prompts.max_items=2",
         "updates=2", "batch_size=4", "sampling.max_new_tokens=6", f"output_dir={tmp_path / 'run'}",
@@ -81,7 +81,8 @@ def test_fresh_policy_equals_the_reference_bit_for_bit(tiny_llama_dir, autocast,
     exactly 0 in every token: the factored layers add the adapters' zero product exactly. Also
     when the policy's training forward continues the prompt pass kept from sampling (the
     reference then taken in the same split shape)."""
-    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), "shared_lora", autocast=autocast)
+    # the packed CPU engine's factored layers and kept prompt pass
+    ac = ActorCritic.build(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4), device="cpu"), "shared_lora", autocast=autocast)
     ac.prepare_frozen()
     torch.manual_seed(0)
     enc, mask = _sampled_rows(ac, ["Hello there", "Hi", "A longer prompt than the others"], for_training=kept)
@@ -115,9 +116,9 @@ def test_engine_choice():
 
 
 @pytest.mark.parametrize("layout", ["shared_lora", "shared_lora+hf", "separate"])
-def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout, monkeypatch):
+def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, layout, monkeypatch, device):
     extra = {"separate": ["layout=separate", "model.lora.enabled=false"], "shared_lora+hf": ["model.engine=hf"]}.get(layout, [])
-    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "eval_samples_per_prompt=2", "eval_batch_size=3", *extra)
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "eval_samples_per_prompt=2", "eval_batch_size=3", *extra, device=device)
     torch.manual_seed(0)
     before = ActorCritic.build(cfg.model, cfg.layout)
     init = {n: p.detach().clone() for n, p in before.trainable_named_parameters()}
@@ -135,7 +136,8 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
     torch.manual_seed(0)
     summary = run(cfg)
     trained = dict(captured["model"].trainable_named_parameters())
-    assert captured["model"].engine.name == ("hf" if layout == "shared_lora+hf" else "packed")
+    packed = layout != "shared_lora+hf" and device.type == "cpu"  # `auto`: the packed engine on the CPU, hf on a GPU
+    assert captured["model"].engine.name == ("packed" if packed else "hf")
     assert init.keys() == trained.keys()
     unchanged = [n for n in init if torch.equal(init[n], trained[n].detach())]
     assert not unchanged, (len(unchanged), len(init), unchanged[:5])
@@ -146,9 +148,9 @@ def test_ppo_run_trains_policy_and_critic_and_logs(tiny_llama_dir, tmp_path, lay
                 "tokens_per_s", "reward/invalid_fraction", "kl_coef", "grad_norm"):
         assert key in metrics[-1], key
     assert metrics[0]["kl/k1"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
-    kept = layout == "shared_lora"  # on by default for shared_lora, on the packed engine
+    kept = layout == "shared_lora" and packed  # on by default for shared_lora, on the packed engine
     assert [m["engine/prompt_pass_reused"] for m in metrics] == [float(kept)] * 2
-    if layout != "shared_lora+hf":  # the packed CPU engine reports glibc's heap: at least the models' weights live in it
+    if packed:  # the packed CPU engine reports glibc's heap: at least the models' weights live in it
         weights_mib = sum(p.numel() * p.element_size() for p in captured["model"].parameters()) / 2**20
         assert metrics[-1]["memory/heap_in_use_mib"] >= weights_mib and metrics[-1]["memory/heap_free_mib"] >= 0
     else:
@@ -202,7 +204,7 @@ def _one_update(cfg, *, for_training=False, random_value_head=False, one_forward
     ro = collect_rollout(ac, provider, prompts, cfg, 0.1, RunningMoments(), for_training=for_training)
     init = {n: p.detach().clone() for n, p in ac.trainable_named_parameters()}
     optimizer = torch.optim.AdamW([p for _, p in ac.trainable_named_parameters()], lr=cfg.lr)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu")
     torch.manual_seed(2)
     b_exp, stats = ppo_update(ac, ac, optimizer, _OneForward(accelerator) if one_forward else accelerator, ro, cfg)
     reused = ac.metrics()["engine/prompt_pass_reused"]
@@ -221,12 +223,12 @@ def _assert_same_update(a, b, *, atol):
         torch.testing.assert_close(params_b[n], params_a[n], atol=atol, rtol=1e-4)
 
 
-def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_path, monkeypatch):
+def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_path, monkeypatch, device):
     """With one minibatch, π_old and V_old taken from the first training forward give the same
     advantages, the same statistics and the same trained parameters as a separate no-grad pass."""
     import rlhf.ppo as ppo_mod
 
-    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "ppo_epochs=2")
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "ppo_epochs=2", device=device)
     assert ppo_mod.fuse_old_forward(cfg) and not ppo_mod.fuse_old_forward(tiny_ppo_cfg(tiny_llama_dir, tmp_path, "num_minibatches=2"))
     fused = _one_update(cfg)
     monkeypatch.setattr(ppo_mod, "fuse_old_forward", lambda c: False)
@@ -237,11 +239,11 @@ def test_fused_old_forward_matches_a_separate_no_grad_pass(tiny_llama_dir, tmp_p
 
 
 @pytest.mark.parametrize("overrides", [("ppo_epochs=2",), ("num_minibatches=2", "ppo_epochs=2"), ("layout=separate", "model.lora.enabled=false")])
-def test_split_backward_gives_the_one_forward_update(tiny_llama_dir, tmp_path, overrides):
+def test_split_backward_gives_the_one_forward_update(tiny_llama_dir, tmp_path, overrides, device):
     """One process backpropagates the critic in row chunks and the policy apart (never both
     graphs in full); it trains exactly as one forward and one backward of the whole loss (the
     DDP path), on a fused first step and on steps with known advantages."""
-    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, *overrides, "engine.critic_chunks=3")
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, *overrides, "engine.critic_chunks=3", device=device)
     one, split = (_one_update(cfg, random_value_head=True, one_forward=flag) for flag in (True, False))
     _assert_same_update(one, split, atol=1e-5 if "layout=separate" in overrides else 1e-6)
     params, init = one[2], one[3]
@@ -369,7 +371,7 @@ def test_reward_model_on_another_base_is_not_shared(tiny_llama_dir, tmp_path):
     assert "reward" not in ac.policy.peft_config
 
 
-def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_dir, tmp_path):
+def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_dir, tmp_path, device):
     """End-to-end direction check: completions the reward likes become more likely, the ones it
     dislikes less likely, after a few PPO epochs on one rollout (sign and plumbing of rewards,
     GAE, whitening, the clipped loss and the optimizer together)."""
@@ -380,7 +382,7 @@ def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_di
     from rlhf.ppo import RunningMoments, collect_rollout, ppo_update
 
     cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "reward={type: function, path: 'reward_fns:prompt_sign'}",
-                       "kl.coef=0.0", "ppo_epochs=4", "lr=3e-3")
+                       "kl.coef=0.0", "ppo_epochs=4", "lr=3e-3", device=device)
     provider = build_provider(cfg.reward)
     torch.manual_seed(0)
     ac = ActorCritic.build(cfg.model, cfg.layout, autocast=cfg.autocast)
@@ -392,6 +394,6 @@ def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_di
     b_exp, _ = ppo_update(ac, ac, optimizer, Accelerator(cpu=True), ro, cfg)
     with torch.no_grad():
         after = ac(ro.enc.input_ids, ro.enc.attention_mask, ro.enc.prompt_width).logprobs
-    change = ((after - b_exp.logprobs) * ro.mask).sum(-1)  # Δ log π(y|x) per sample
+    change = ((after.cpu() - b_exp.logprobs) * ro.mask).sum(-1)  # Δ log π(y|x) per sample
     assert change[0] > 0 and change[2] > 0, change
     assert change[1] < 0 and change[3] < 0, change
