@@ -2,12 +2,13 @@
 # Creates .venv-trl192/ in the repo root: a separate virtualenv holding TRL 1.9.2, for the
 # TRL PPO baseline (bench/trl_ppo_baseline.py). Kept apart from .venv, which has a newer TRL.
 #
-# Every other package is pinned to the version in .venv (checked with `.venv/bin/pip freeze`),
-# so the two sides of the benchmark run the same torch/transformers code. torch goes first and
-# is held by a constraints file: pip then takes the local CPU wheel and can never resolve a
-# different (multi-GB) torch while installing TRL's dependencies.
+# Every package is held to the version `make setup` installs in .venv: pip runs with the repo's
+# constraints.txt (generated from .venv's `pip freeze`), with only its trl line swapped for
+# trl==1.9.2 (TRL 1.9.2 accepts those versions: transformers>=4.56.2, accelerate>=1.4,
+# datasets>=4.7). So both sides of the benchmark run the same torch/transformers/peft/accelerate
+# code. torch goes first, from the local CPU wheel.
 #
-# Idempotent: a stamp file records the pins; when it matches, nothing is done.
+# Idempotent: a stamp file records the constraints used; when it matches, nothing is done.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,17 +16,13 @@ VENV="${VENV:-$ROOT/.venv-trl192}"
 PYTHON="${PYTHON:-python3}"
 PY="$VENV/bin/python"
 STAMP="$VENV/.installed"
+TRL_VERSION="1.9.2"
+# What TRL's PPO needs (bitsandbytes is left out: nothing on the CPU path uses it).
+PACKAGES="torch trl==$TRL_VERSION transformers accelerate datasets peft safetensors"
 
-PINS="torch==2.13.0
-trl==1.9.2
-transformers==5.23.0
-accelerate==1.15.0
-datasets==5.2.0
-peft==0.21.2
-huggingface_hub==2.4.0
-tokenizers==0.23.3
-safetensors==0.8.0
-numpy==2.4.6"
+grep -q '^trl==' "$ROOT/constraints.txt" || { echo "setup_trl_baseline: no trl pin in $ROOT/constraints.txt" >&2; exit 1; }
+PINS="$(sed "s/^trl==.*/trl==$TRL_VERSION/" "$ROOT/constraints.txt")
+# packages: $PACKAGES"
 
 if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$PINS" ]]; then
     echo "setup_trl_baseline: $VENV is complete; nothing to do."
@@ -36,19 +33,30 @@ test -x "$PY" || "$PYTHON" -m venv "$VENV"
 CONSTRAINTS="$VENV/constraints.txt"
 printf '%s\n' "$PINS" > "$CONSTRAINTS"
 
-"$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q torch==2.13.0
-# Only the packages TRL's PPO needs; -c keeps torch (and the rest) at the pinned versions.
-"$PY" -m pip install -q -c "$CONSTRAINTS" \
-    trl==1.9.2 transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0 peft==0.21.2
-"$PY" -m pip check || true
+"$PY" -m pip install -q -c "$CONSTRAINTS" --upgrade pip
+"$PY" -m pip install -q -c "$CONSTRAINTS" torch
+# shellcheck disable=SC2086  # word splitting of the package list is intended
+"$PY" -m pip install -q -c "$CONSTRAINTS" $PACKAGES
+"$PY" -m pip check
 
-"$PY" - <<'PY'
-import torch, transformers, trl, accelerate, datasets, peft
-print("torch", torch.__version__, "| transformers", transformers.__version__, "| trl", trl.__version__,
-      "| accelerate", accelerate.__version__, "| datasets", datasets.__version__, "| peft", peft.__version__)
-assert trl.__version__ == "1.9.2", trl.__version__
-assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
+# Every package both environments hold must be at the same version, trl aside.
+"$PY" - "$ROOT/.venv/bin/python" <<'PY'
+import json, subprocess, sys
+
+def freeze(python):
+    out = subprocess.run([python, "-m", "pip", "list", "--format=json"], check=True, capture_output=True, text=True).stdout
+    return {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(out)}
+
+mine = freeze(sys.executable)
+try:
+    theirs = freeze(sys.argv[1])
+except (OSError, subprocess.CalledProcessError):
+    theirs = {}
+    print("setup_trl_baseline: no .venv to compare with (run `make setup`); versions come from constraints.txt alone")
+differ = {n: (v, theirs[n]) for n, v in mine.items() if n in theirs and theirs[n] != v and n not in ("trl", "pluggable-rlhf")}
+print(" | ".join(f"{n} {mine[n]}" for n in ("torch", "transformers", "trl", "accelerate", "datasets", "peft", "tokenizers", "safetensors", "numpy")))
+assert mine["trl"] == "1.9.2", mine["trl"]
+assert not differ, f"versions differ from .venv (.venv-trl192, .venv): {differ}"
 PY
 printf '%s' "$PINS" > "$STAMP"
 echo "setup_trl_baseline: $VENV ready."

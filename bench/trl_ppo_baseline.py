@@ -4,17 +4,31 @@ Run with the separate TRL virtualenv (created by bench/setup_trl_baseline.sh):
 
     .venv-trl192/bin/python bench/trl_ppo_baseline.py --mode full --updates 5
     .venv-trl192/bin/python bench/trl_ppo_baseline.py --mode lora --updates 5 --out runs/bench/trl_lora.json
+    .venv-trl192/bin/python bench/trl_ppo_baseline.py --mode lora --bf16 --attn-implementation eager \
+        --ppo-epochs 4 --num-mini-batches 4
 
-Work per update (fixed by the benchmark, not by TRL defaults): 8 HH prompts, 32 sampled new
-tokens, one PPO epoch over one minibatch of 8. SmolLM2-135M-Instruct serves as policy, reference,
-reward and value model; reward and value are AutoModelForSequenceClassification(num_labels=1)
-with a randomly initialised (seeded) score head, which is fine for throughput.
+Work per update (fixed by the benchmark, not by TRL defaults): 8 prompts, 32 sampled new
+tokens, by default one PPO epoch over one minibatch of 8 (--ppo-epochs / --num-mini-batches:
+TRL's own default is 4 epochs of 1 minibatch). SmolLM2-135M-Instruct serves as policy,
+reference, reward and value model; reward and value are
+AutoModelForSequenceClassification(num_labels=1) with a randomly initialised (seeded) score head,
+which is fine for throughput.
+
+Prompts: the token ids in bench/prompts.py's file (--prompts; built with .venv's python when
+missing), the same ids our side takes: HH prompts rendered with SmolLM2's chat template by our
+code, last 128 tokens. They go in as `input_ids`, unshuffled: PPOTrainer's own dataloader
+(shuffle=True) is replaced by one that walks them in file order, update u taking rows
+8u … 8u+7, and the rows each update collated are checked against the file after the run.
 
 Modes:
   full  four separate fp32 models; policy and value are fully trained (AdamW over both).
   lora  TRL's own `peft_config` (LoRA r=16, alpha=32, all linear layers of the policy);
         ref_model=None, so TRL computes reference log-probs with the policy's adapter
         disabled (PPOTrainer.null_ref_context). The value model is still trained in full.
+
+Precision and attention: fp32 and transformers' default attention (sdpa) unless --bf16 /
+--attn-implementation eager (the kernel our side's transformers paths use on the CPU). TRL's
+PPOConfig defaults to bf16=True; it is off here unless --bf16, see the quirk below.
 
 Timing: a TrainerCallback stamps time.perf_counter() at on_train_begin and at every on_step_end;
 sec_per_update[i] is the gap between consecutive stamps (rollout + scoring + PPO step + TRL's
@@ -28,12 +42,14 @@ transformers 5 no longer exports `bf16=True` as ACCELERATE_MIXED_PRECISION, so `
 alone is silently ignored (everything runs in fp32). With --bf16 we set
 ACCELERATE_MIXED_PRECISION=bf16 before the trainer is built; the resulting precision is reported
 as "accelerate_mixed_precision" in the output.
+
+The output JSON also records the prompts' sha256 and the package versions, Python and CPU
+(bench/envinfo.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
@@ -43,28 +59,29 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path.home() / ".cache" / "pluggable-rlhf" / "models" / "smollm2-135m-instruct"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import envinfo  # noqa: E402  (bench/)
+import prompts as bench_prompts  # noqa: E402  (bench/)
+
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "pluggable-rlhf" / "models" / "smollm2-135m-instruct"
 BATCH = 8
 RESPONSE_LENGTH = 32
-ASSISTANT = "\n\nAssistant:"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("full", "lora"), default="full", help="four full models, or LoRA policy with adapter-disabled ref")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="converted SmolLM2 safetensors directory")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH preference file (.jsonl or .jsonl.gz)")
+    p.add_argument("--prompts", type=Path, default=bench_prompts.DEFAULT_PATH, help="bench/prompts.py's file (built with .venv if missing)")
     p.add_argument("--updates", type=int, default=5, help="measured PPO updates (after warmup)")
     p.add_argument("--warmup", type=int, default=1, help="updates run first and not measured")
-    p.add_argument("--num-prompts", type=int, default=None, help="first N HH prompts (default: 8 x (warmup + updates), each used once)")
-    p.add_argument("--prompt-format", choices=("user", "messages"), default="user",
-                   help="user: the HH transcript up to and including the last '\\n\\nAssistant:' as one user message; "
-                        "messages: the transcript split into user/assistant turns (as rlhf.data does)")
-    p.add_argument("--max-prompt-tokens", type=int, default=128,
-                   help="keep the last this many prompt tokens (our PPOConfig.max_prompt_tokens default); 0 = no cut")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (TRL wraps only the training forward)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="num_ppo_epochs (TRL's default: 4)")
+    p.add_argument("--num-mini-batches", type=int, default=1, help="num_mini_batches: minibatches of 8/N rows per epoch")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast, TRL's default (TRL wraps only the training forward)")
+    p.add_argument("--attn-implementation", choices=("default", "sdpa", "eager"), default="default",
+                   help="attention kernel of all four models (default: transformers' choice, sdpa)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learning-rate", type=float, default=3e-6, help="TRL PPOConfig default")
@@ -72,65 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.updates < 1 or args.warmup < 0:
         p.error("--updates must be >= 1 and --warmup >= 0")
+    if args.ppo_epochs < 1 or args.num_mini_batches < 1 or BATCH % args.num_mini_batches:
+        p.error(f"--ppo-epochs must be >= 1 and --num-mini-batches divide {BATCH}")
     return args
-
-
-# ------------------------------------------------------------------------------ prompts
-
-
-def hh_prompt_text(row: dict) -> str:
-    """Longest common prefix of chosen/rejected, cut after its last '\\n\\nAssistant:'.
-
-    Cutting each side at its own last marker would be wrong where a response itself contains
-    the marker (see rlhf.data._split_hh)."""
-    chosen, rejected = row["chosen"], row["rejected"]
-    common = os.path.commonprefix([chosen, rejected])
-    cut = common.rfind(ASSISTANT)
-    if cut < 0:
-        raise ValueError("no '\\n\\nAssistant:' in the shared prefix")
-    return common[: cut + len(ASSISTANT)]
-
-
-def hh_messages(transcript: str) -> list[dict]:
-    """'\\n\\nHuman: ..\\n\\nAssistant: ..' (ending with the bare Assistant marker) -> chat turns,
-    same-speaker runs merged, as rlhf.data._hh_messages does."""
-    import re
-
-    body = transcript[: -len(ASSISTANT)] if transcript.endswith(ASSISTANT) else transcript
-    parts = re.split(r"\n\n(Human|Assistant):", body)
-    messages: list[dict] = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        role, content = ("user" if speaker == "Human" else "assistant"), content.strip()
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n\n" + content
-        else:
-            messages.append({"role": role, "content": content})
-    return messages
-
-
-def load_prompt_ids(path: Path, n: int, tok, prompt_format: str, max_prompt_tokens: int) -> list[list[int]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-            if len(rows) == n:
-                break
-    if len(rows) < n:
-        raise SystemExit(f"{path}: only {len(rows)} rows, need {n}")
-    out = []
-    for row in rows:
-        text = hh_prompt_text(row)
-        messages = [{"role": "user", "content": text}] if prompt_format == "user" else hh_messages(text)
-        # As TRL's ppo_tldr example: chat template, generation prompt, no padding (the
-        # collator left-pads each batch).
-        rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok(rendered, add_special_tokens=False)["input_ids"]
-        if max_prompt_tokens > 0:
-            ids = ids[-max_prompt_tokens:]
-        out.append(ids)
-    return out
 
 
 # ------------------------------------------------------------------------------ main
@@ -169,18 +130,24 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
 
     n_updates = args.warmup + args.updates
-    n_prompts = args.num_prompts or BATCH * n_updates
+    n_prompts = BATCH * n_updates
+    rows, header = bench_prompts.read(bench_prompts.ensure(args.prompts, n_prompts), n_prompts)
+    prompt_ids = [r["input_ids"] for r in rows]
 
     tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
     if tok.pad_token is None:  # as TRL's example; SmolLM2 has <|endoftext|> (id 0), distinct from EOS
         tok.add_special_tokens({"pad_token": "[PAD]"})
     assert tok.pad_token_id != tok.eos_token_id, "TRL masks pad ids as padding: pad must differ from EOS"
-    prompt_ids = load_prompt_ids(args.data, n_prompts, tok, args.prompt_format, args.max_prompt_tokens)
+    assert (tok.pad_token_id, tok.eos_token_id) == (header["pad_token_id"], header["eos_token_id"]), "pad/EOS ids differ from our tokenizer's"
+    # The ids go in as they are; for the record, whether this tokenizer reads the rendered texts the same way.
+    tokenizer_agrees = all(tok(r["text"], add_special_tokens=False)["input_ids"][-header["max_prompt_tokens"]:] == r["input_ids"] for r in rows)
     train_dataset = Dataset.from_dict({"input_ids": prompt_ids})
+
+    attn = {} if args.attn_implementation == "default" else {"attn_implementation": args.attn_implementation}
 
     def load(cls, **kw):
         transformers.set_seed(args.seed)  # the score heads of reward/value are random: same init each run
-        return cls.from_pretrained(args.model_dir, dtype=torch.float32, **kw)
+        return cls.from_pretrained(args.model_dir, dtype=torch.float32, **attn, **kw)
 
     policy = load(AutoModelForCausalLM)
     ref_policy = load(AutoModelForCausalLM) if args.mode == "full" else None
@@ -197,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir=out_dir,
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1,
-        num_mini_batches=1,
-        num_ppo_epochs=1,
+        num_mini_batches=args.num_mini_batches,  # local_batch_size stays 8 (per_device × accumulation); minibatches of 8/N
+        num_ppo_epochs=args.ppo_epochs,
         response_length=RESPONSE_LENGTH,
         total_episodes=BATCH * n_updates,
         local_rollout_forward_batch_size=BATCH,  # one rollout chunk (default 64 is also >= 8)
@@ -241,6 +208,22 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=peft_config,
         callbacks=[StepTimer()],
     )
+    # PPOTrainer's dataloader shuffles (seeded); walk the shared prompt file in order instead,
+    # recording what each batch collated, so both sides see the same 8 prompts per update.
+    from torch.utils.data import DataLoader
+
+    collated: list[list[list[int]]] = []
+    collator = trainer.data_collator
+
+    def collate(features):
+        collated.append([list(f["input_ids"]) for f in features])
+        return collator(features)
+
+    trainer.dataloader = trainer.accelerator.prepare(
+        DataLoader(train_dataset, batch_size=trainer.local_dataloader_batch_size, shuffle=False, collate_fn=collate, drop_last=True))
+    torch.manual_seed(trainer.local_seed)  # as PPOTrainer leaves it after preparing its own dataloader
+    if trainer.local_dataloader_batch_size != BATCH:
+        raise RuntimeError(f"TRL's rollout batch is {trainer.local_dataloader_batch_size}, not {BATCH}")
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     model_bytes = param_bytes(unwrapped.policy, trainer.ref_model, trainer.reward_model, unwrapped.value_model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
@@ -250,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
+    if [ids for batch in collated[:n_updates] for ids in batch] != prompt_ids:
+        raise RuntimeError("TRL's updates did not take the shared prompt file's rows in order")
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
     if len(durations) != n_updates:
         raise RuntimeError(f"expected {n_updates} on_step_end calls, got {len(durations)}")
@@ -273,15 +258,15 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "batch": BATCH,
         "response_length": RESPONSE_LENGTH,
-        "num_ppo_epochs": 1,
-        "num_mini_batches": 1,
-        "prompt_tokens_max": max(len(x) for x in prompt_ids),
-        "prompt_tokens_mean": round(sum(len(x) for x in prompt_ids) / len(prompt_ids), 1),
-        "prompt_format": args.prompt_format,
+        "num_ppo_epochs": args.ppo_epochs,
+        "num_mini_batches": args.num_mini_batches,
+        "prompts": {**bench_prompts.summary(rows, header), "ids_checked": True, "trl_tokenizer_agrees": tokenizer_agrees},
+        "mean_prompt_tokens": round(sum(len(x) for x in prompt_ids) / len(prompt_ids), 2),
         "ref": ref_kind,
         "accelerate_mixed_precision": str(trainer.accelerator.mixed_precision),
+        "attn_implementation": unwrapped.policy.config._attn_implementation,
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "environment": envinfo.environment(),
     }
     line = json.dumps(result)
     print(line, flush=True)
