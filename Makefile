@@ -27,7 +27,9 @@ quickstart: setup
 test: setup
 	$(VENV)/bin/pytest
 
-# Unit tests only (skips the ones that load the real SmolLM2).
+# The tests not marked slow: tiny random models with the SmolLM2 tokenizer shipped in
+# tests/assets; no GGUF conversion and no model cache (tests/conftest.py points the cache at an
+# empty folder for them and fails any test that writes there).
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow"
 

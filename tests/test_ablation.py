@@ -13,13 +13,13 @@ from rlhf.train_rm import TrainRMConfig
 from test_train_rm import write_toy
 
 
-def test_ablation_writes_table_chart_and_resumes(tiny_llama_dir, tmp_path, capsys):
+def test_ablation_writes_table_chart_and_resumes(tiny_llama_dir, tmp_path, capsys, device):
     train = write_toy(tmp_path / "train.jsonl", 32, seed=1)
     ood = tmp_path / "ood.jsonl"
     rows = [json.loads(line) | {"subset": "a" if i % 2 else "b"} for i, line in enumerate(open(write_toy(tmp_path / "o.jsonl", 12, seed=5)))]
     ood.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = AblationConfig(
-        train=TrainRMConfig(model=load_config(TrainRMConfig, None, [f"model.name={tiny_llama_dir}"]).model,
+        train=TrainRMConfig(model=load_config(TrainRMConfig, None, [f"model.name={tiny_llama_dir}", f"model.device={device}"]).model,
                             data=DataConfig(path=str(train), split="all"), eval_data=None, micro_batch_size=8,
                             grad_accum_steps=1, max_steps=2, autocast="none", max_prompt_tokens=32, max_completion_tokens=16),
         variants=(Variant("BT"), Variant("GRM-sft", "grm", "sft")),

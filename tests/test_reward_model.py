@@ -20,11 +20,12 @@ PROMPTS = ["How do I bake bread?", [{"role": "user", "content": "Hi"}, {"role": 
 COMPLETIONS = ["Mix flour, water, yeast and salt, knead, proof, then bake.", "Apple."]
 
 
-def _lora_rm(tiny_llama_dir, head="linear"):
+def _lora_rm(tiny_llama_dir, device, head="linear"):
     """A LoRA reward model whose head has random output weights, as a trained one would (a new
     head's output layer is zero, so every reward would be 0)."""
     torch.manual_seed(0)
-    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4)), head)
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=True, r=4), device=str(device)), head)
+    assert rm.device.type == device.type
     torch.nn.init.normal_(rm.head.net[-1].weight)
     return rm
 
@@ -42,8 +43,8 @@ def test_heads(kind, n_linear):
         RewardHead(16, "deep")  # type: ignore[arg-type]
 
 
-def test_reward_reads_last_real_token_and_ignores_padding(tiny_llama_dir):
-    rm = _lora_rm(tiny_llama_dir).eval()
+def test_reward_reads_last_real_token_and_ignores_padding(tiny_llama_dir, device):
+    rm = _lora_rm(tiny_llama_dir, device).eval()
     with torch.no_grad():
         batched = rm(rm.encode(PROMPTS, COMPLETIONS))
         alone = torch.cat([rm(rm.encode([p], [c])) for p, c in zip(PROMPTS, COMPLETIONS)])
@@ -55,19 +56,19 @@ def test_reward_reads_last_real_token_and_ignores_padding(tiny_llama_dir):
     assert not torch.allclose(other, batched[:1])
 
 
-def test_grm_logps_share_the_forward_and_match_the_policy_logprob(tiny_llama_dir):
-    rm = _lora_rm(tiny_llama_dir).eval()
+def test_grm_logps_share_the_forward_and_match_the_policy_logprob(tiny_llama_dir, device):
+    rm = _lora_rm(tiny_llama_dir, device).eval()
     enc = rm.encode(PROMPTS, COMPLETIONS)
     with torch.no_grad():
         hidden = rm.hidden_states(enc)
         logps = rm.completion_logps_from_hidden(hidden, enc)
     # The same numbers as scoring the completions with the LM itself.
-    assert torch.allclose(logps, sequence_logprob(rm.lm, enc), atol=1e-4)
+    assert torch.allclose(logps, sequence_logprob(rm.engine, rm.lm, enc), atol=1e-4)
     assert (logps < 0).all()
 
 
-def test_reference_is_the_base_with_adapters_disabled(tiny_llama_dir):
-    rm = _lora_rm(tiny_llama_dir).eval()
+def test_reference_is_the_base_with_adapters_disabled(tiny_llama_dir, device):
+    rm = _lora_rm(tiny_llama_dir, device).eval()
     enc = rm.encode(PROMPTS, COMPLETIONS)
     with torch.no_grad():
         for n, p in rm.lm.named_parameters():
@@ -76,14 +77,14 @@ def test_reference_is_the_base_with_adapters_disabled(tiny_llama_dir):
         adapted = rm.completion_logps_from_hidden(rm.hidden_states(enc), enc)
         ref = rm.reference_completion_logps(enc)
         with rm.lm.disable_adapter():
-            base = sequence_logprob(rm.lm, enc)
+            base = sequence_logprob(rm.engine, rm.lm, enc)
     assert torch.allclose(ref, base, atol=1e-4)
     assert not torch.allclose(ref, adapted, atol=1e-3)
 
 
-def test_full_finetune_reference_is_a_frozen_copy(tiny_llama_dir):
+def test_full_finetune_reference_is_a_frozen_copy(tiny_llama_dir, device):
     torch.manual_seed(0)
-    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir)), "linear")
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), device=str(device)), "linear")
     enc = rm.encode(PROMPTS, COMPLETIONS)
     with pytest.raises(RuntimeError, match="freeze_reference"):
         rm.reference_completion_logps(enc)
@@ -96,17 +97,17 @@ def test_full_finetune_reference_is_a_frozen_copy(tiny_llama_dir):
     assert not torch.allclose(rm.completion_logps_from_hidden(rm.hidden_states(enc), enc).detach(), before, atol=1e-3)
 
 
-def test_lm_head_is_frozen_and_lora_plus_head_train(tiny_llama_dir):
-    rm = _lora_rm(tiny_llama_dir, "mlp")
+def test_lm_head_is_frozen_and_lora_plus_head_train(tiny_llama_dir, device):
+    rm = _lora_rm(tiny_llama_dir, device, "mlp")
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     assert not any(p.requires_grad for p in rm.lm_head.parameters())
 
 
 @pytest.mark.parametrize("lora", [True, False])
-def test_save_and_load_round_trip(tiny_llama_dir, tmp_path, lora):
+def test_save_and_load_round_trip(tiny_llama_dir, tmp_path, device, lora):
     torch.manual_seed(0)
-    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=lora, r=4)), "mlp").eval()
+    rm = new_reward_model(ModelConfig(name=str(tiny_llama_dir), lora=LoraConfig(enabled=lora, r=4), device=str(device)), "mlp").eval()
     with torch.no_grad():
         for n, p in rm.named_parameters():
             if p.requires_grad:
@@ -117,7 +118,7 @@ def test_save_and_load_round_trip(tiny_llama_dir, tmp_path, lora):
     files = {p.name for p in (tmp_path / "rm").iterdir()}
     assert {"reward_model.json", "head.safetensors", "adapter" if lora else "backbone"} <= files
     assert not list((tmp_path / "rm").rglob("*.bin"))  # safetensors only
-    loaded = load_reward_model(tmp_path / "rm")
+    loaded = load_reward_model(tmp_path / "rm", device=str(device))
     assert not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         assert torch.allclose(loaded(loaded.encode(PROMPTS, COMPLETIONS)), expected, atol=1e-5)
@@ -128,10 +129,10 @@ def test_load_rejects_non_reward_model_dir(tmp_path):
         load_reward_model(tmp_path)
 
 
-def test_provider_scores_in_input_order(tiny_llama_dir, tmp_path):
-    rm = _lora_rm(tiny_llama_dir)
+def test_provider_scores_in_input_order(tiny_llama_dir, tmp_path, device):
+    rm = _lora_rm(tiny_llama_dir, device)
     rm.save(tmp_path / "rm")
-    provider = load_reward_model_provider(RewardModelProviderConfig(path=str(tmp_path / "rm"), batch_size=1, autocast="none"))
+    provider = load_reward_model_provider(RewardModelProviderConfig(path=str(tmp_path / "rm"), batch_size=1, autocast="none", device=str(device)))
     assert provider.name == "bt"
     prompts = PROMPTS + ["Short?"]
     comps = COMPLETIONS + ["A very long answer " * 5]
@@ -141,22 +142,37 @@ def test_provider_scores_in_input_order(tiny_llama_dir, tmp_path):
     assert torch.allclose(result.rewards, singles, atol=1e-5)
     # The TRL reward_funcs form returns plain floats in the same order.
     assert provider(prompts=prompts, completions=comps) == pytest.approx(result.rewards.tolist(), abs=1e-6)
-    assert isinstance(RewardModelProvider(rm, autocast_mode="none"), RewardModelProvider)
+    # A provider around the model in memory scores what the one loaded from its directory does.
+    in_memory = RewardModelProvider(rm, batch_size=2, autocast_mode="none").score(prompts, comps).rewards
+    torch.testing.assert_close(in_memory, result.rewards, atol=1e-5, rtol=1e-5)
 
 
-def test_provider_scores_on_merged_weights_what_the_adapter_modules_score(tiny_llama_dir, monkeypatch):
-    import policies.packed
+def test_provider_scores_on_merged_weights_what_the_adapter_modules_score(tiny_llama_dir, device):
+    """The provider scores a frozen LoRA reward model as its engine prefers (the packed engine
+    on the CPU: on merged weights, kept between calls): the rewards of the adapter modules, the
+    model's own weights untouched, and new rewards as soon as a weight changes (nothing stale is
+    reused)."""
+    rm = _lora_rm(tiny_llama_dir, device).eval()
+    enc = rm.encode(PROMPTS, COMPLETIONS)
 
-    rm = _lora_rm(tiny_llama_dir).eval()
-    with torch.no_grad():
-        for n, p in rm.named_parameters():
-            if "lora_" in n:
+    @torch.no_grad()
+    def perturb_and_score_with_modules(names):
+        for n, p in rm.lm.named_parameters():
+            if any(k in n for k in names):
                 p.add_(0.05 * torch.randn_like(p))  # a trained adapter: the merge changes the weights
-        modules = rm(rm.encode(PROMPTS, COMPLETIONS))  # adapters run as modules
-    calls = []
-    real = policies.packed.dense_layers
-    monkeypatch.setattr(policies.packed, "dense_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
-    merged = RewardModelProvider(rm, batch_size=2, autocast_mode="none").score(PROMPTS, COMPLETIONS).rewards
-    assert calls == [1]  # one merge for the one batch
+        return rm(enc).cpu()  # adapters run as modules
+
+    provider = RewardModelProvider(rm, batch_size=2, autocast_mode="none")  # one batch
+    modules = perturb_and_score_with_modules(["lora_"])
     assert modules.abs().min() > 1e-3 and abs(modules[0] - modules[1]) > 1e-3  # rewards are not trivial
+    merged = provider.score(PROMPTS, COMPLETIONS).rewards
     torch.testing.assert_close(merged, modules, atol=1e-4, rtol=1e-4)
+    assert torch.equal(provider.score(PROMPTS, COMPLETIONS).rewards, merged)  # the kept weights: same bits
+    with torch.no_grad():
+        assert torch.equal(rm(enc).cpu(), modules)  # scoring changed nothing in the model
+    # Another adapter, then another base: each time the provider scores the model as it is now.
+    for names in (["lora_"], ["q_proj.base_layer", "down_proj.base_layer"]):
+        changed = perturb_and_score_with_modules(names)
+        assert not torch.allclose(changed, modules, atol=1e-3)
+        torch.testing.assert_close(provider.score(PROMPTS, COMPLETIONS).rewards, changed, atol=1e-4, rtol=1e-4)
+        modules = changed

@@ -17,8 +17,8 @@ import torch
 
 import rewards.registry as registry
 from rewards import EnsembleReward, FunctionReward, RewardConfig, RewardProvider, RewardResult, SumReward, build_provider
-from rewards.composite import EnsembleRewardConfig, SumRewardConfig, WeightedTerm
 from rewards.function import FunctionRewardConfig
+from rewards.registry import EnsembleRewardConfig, SumRewardConfig, WeightedTerm
 from rewards.reward_model import load_reward_model_provider
 from rlhf.config import ConfigError, from_dict, load_config, required
 
@@ -27,13 +27,12 @@ COMPLETIONS = ["a", "bb", "cccc"]
 
 
 class Fixed(RewardProvider):
-    """Returns fixed rewards (None = can't judge) and fixed extras; counts calls."""
+    """Returns fixed rewards (None = can't judge) and fixed extras."""
 
     def __init__(self, values, name="fixed", extras=None):
-        self.values, self.name, self.extras, self.calls = values, name, extras or {}, 0
+        self.values, self.name, self.extras = values, name, extras or {}
 
     def score(self, prompts, completions):
-        self.calls += 1
         return RewardResult.from_values(self.values, dict(self.extras))
 
 
@@ -212,10 +211,11 @@ def test_composite_configs_resolve_the_recursive_union():
 
 
 def test_recursive_union_resolves_whichever_module_is_imported_first():
-    # A fresh interpreter, importing composite.py before anything else of the package.
+    # A fresh interpreter, importing composite.py (the providers) before anything else of the
+    # package; the composites' configs, which hold specs of any kind, live in registry.py.
     code = (
-        "import typing, rewards.composite as c; "
-        "print(typing.get_type_hints(c.WeightedTerm)['provider'].__args__[-1].__name__)"
+        "import typing, rewards.composite, rewards.registry as r; "
+        "print(typing.get_type_hints(r.WeightedTerm)['provider'].__args__[-1].__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "EnsembleRewardConfig"
@@ -260,7 +260,7 @@ def test_dispatch_goes_through_the_table(monkeypatch):
             return RewardResult.from_values([7.0] * len(completions))
 
     made = Unnamed()
-    monkeypatch.setitem(registry.PROVIDERS, "function", lambda cfg: made)
+    monkeypatch.setitem(registry.PROVIDERS, "function", lambda cfg, host=None: made)
     provider = build_provider({"type": "function", "path": "anything:at_all"})
     assert provider is made and provider.name == "function"  # no name of its own or in config → the type
     assert build_provider(made) is made  # a built provider passes through
@@ -314,7 +314,8 @@ def test_reward_spec_from_a_yaml_recipe(tmp_path):
     with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}:4: field 'reward.terms\[0\].weight': expected a number"):
         load_config(RunConfig, recipe)
     recipe.write_text("reward:\n  type: ensemble\n  aggregate: mean_minus_std\n  members:\n    - {type: function, path: a:b}\n")
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}:1: .*needs at least 2 members"):
+    # A check in __post_init__: one line, at the line of the first key its message names (aggregate).
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}:3: reward: ensemble aggregate 'mean_minus_std' needs at least 2 members"):
         load_config(RunConfig, recipe)
 
 
@@ -335,7 +336,7 @@ def test_trl_calling_convention_text_and_conversational():
     assert all(type(v) is float for v in out)
 
 
-def test_one_real_grpo_step_with_our_provider(tiny_llama_dir, tmp_path):
+def test_one_real_grpo_step_with_our_provider(tiny_llama_dir, tmp_path, device):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -355,8 +356,8 @@ def test_one_real_grpo_step_with_our_provider(tiny_llama_dir, tmp_path):
         max_completion_length=8,
         max_steps=1,
         report_to="none",
-        use_cpu=True,
-        bf16=False,  # GRPOConfig defaults to bf16; the test runs in float32 on CPU
+        use_cpu=device.type == "cpu",
+        bf16=False,  # GRPOConfig defaults to bf16; the test runs in float32
         logging_steps=1,
         save_strategy="no",
         seed=0,
