@@ -24,7 +24,9 @@ setup: $(STAMP)
 quickstart: setup
 	$(VENV)/bin/rlhf pipeline recipes/quickstart.yaml
 
+# The import layers of DESIGN.md (contracts in setup.cfg), then the tests.
 test: setup
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
 # The tests not marked slow: tiny random models with the SmolLM2 tokenizer shipped in
