@@ -28,7 +28,7 @@ from torch import nn
 
 from policies.engine import completion_positions
 from policies.engine_choice import build_engine
-from policies.models import LoadedModel, apply_lora, autocast_dtype, load_model, store_frozen_linears_in, unwrap_causal_lm
+from policies.models import LoadedModel, apply_lora, autocast_dtype, load_model, store_frozen_linears_in
 from policies.text import Encoded
 from rlhf.config import EngineConfig, ModelConfig
 from rlhf.core import token_logprobs_and_entropy

@@ -15,7 +15,6 @@ the combination undefined, and silently treating it as 0 would bias the sum (or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
