@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows, header = bench_prompts.read(bench_prompts.ensure(args.prompts, BATCH * n_updates), BATCH * n_updates)
     lora = args.mode == "lora"
     dtype = torch.bfloat16 if lora else torch.float32
+    # A run's packed CPU engine applies its process settings (oneDNN's primitive cache cap, glibc's
+    # allocator) when it is built, before the run's first matmul; the GEMM probe's matmuls come
+    # first here, so apply them now, as the run itself would.
+    from policies.packed import configure_cpu_process
+
+    configure_cpu_process()
     peak = gemm_peak(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         # The reward model is built (random head, seeded) and saved by a child process, as
