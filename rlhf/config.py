@@ -134,7 +134,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.critic_chunks is not None and self.critic_chunks < 1:
-            raise ConfigError(f"engine.critic_chunks must be at least 1, got {self.critic_chunks}")
+            raise ConfigError(f"critic_chunks must be at least 1, got {self.critic_chunks}")
 
 
 # --------------------------------------------------------------------------------------

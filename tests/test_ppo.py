@@ -284,7 +284,7 @@ def test_engine_settings_defaults_follow_the_layout(tiny_llama_dir):
     assert [len(c) for c in separate.critic_row_chunks(3)] == [1, 1, 1]
     tuned = ActorCritic.build(full, "separate", EngineConfig(critic_chunks=2, keep_prompt_pass=True))
     assert (tuned.critic_chunks, tuned.keep_prompt_pass) == (2, True)
-    with pytest.raises(ConfigError, match="engine.critic_chunks"):
+    with pytest.raises(ConfigError, match="engine: critic_chunks must be at least 1"):
         load_config(PPOConfig, None, ["reward={type: bt, path: rm}", "engine.critic_chunks=0"])
 
 
