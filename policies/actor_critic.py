@@ -226,22 +226,20 @@ class ActorCritic(nn.Module):
         # the entropy is a metric only (no entropy bonus): no graph, no backward through it
         return token_logprobs_and_entropy(logits, targets, self.temperature, with_entropy)
 
-    def _take_kept(self, input_ids: torch.Tensor, prompt_width: int) -> Any | None:
+    def _kept_for(self, input_ids: torch.Tensor, prompt_width: int) -> Any | None:
         """The prompt pass kept by `generate`, if these rows are the rows it ran (same prompts,
-        same order); taken either way: it serves one forward, before the parameters change."""
-        kept, self._kept = self._kept, None
-        if kept is None:
+        same order), else None."""
+        if self._kept is None or not torch.equal(self._kept[0], input_ids[:, :prompt_width].to(self._kept[0].device)):
             return None
-        ids, prompt = kept
-        rows = input_ids[:, :prompt_width]
-        return prompt if rows.shape == ids.shape and torch.equal(rows.to(ids.device), ids) else None
+        return self._kept[1]
 
     def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy's log-probs (with gradients) and entropy (a metric, no graph), each (B, C).
         Where `generate` kept its pass over these rows' prompts, only the completions run,
         continuing it (the same log-probs up to rounding)."""
         ids, attn = input_ids.to(self.device), attention_mask.to(self.device)
-        prompt = self._take_kept(ids, prompt_width)
+        # the kept pass serves one forward, before the parameters change: taken either way
+        prompt, self._kept = self._kept_for(ids, prompt_width), None
         with self.adapter(POLICY):
             if prompt is not None:
                 self._kept_count += 1
@@ -277,7 +275,7 @@ class ActorCritic(nn.Module):
         sees changes the rounding in bf16, and one shape on both sides keeps a fresh policy's
         log-probs equal to the reference's bit for bit (the first update's KL exactly 0)."""
         ids, attn, P = enc.input_ids.to(self.device), enc.attention_mask.to(self.device), enc.prompt_width
-        split = self._kept is not None and torch.equal(self._kept[0], ids[:, :P])
+        split = self._kept_for(ids, P) is not None
         with self.as_reference() as ref:
             if split:
                 logits = self.engine.continued_logits(ref, self.engine.prompt_pass(ref, ids[:, :P], attn[:, :P]), ids, attn)
