@@ -405,12 +405,12 @@ def train_step(model: Any, ac: ActorCritic, accelerator: Any, ro: Rollout, b_exp
             accelerator.backward(loss * scale)
         return b_exp, stats
     if b_exp is not None:  # advantages known: the critic first, its graph gone before the policy's is built
-        values = _critic_step(ac, accelerator, ro, b_exp, idx, None, cfg, scale)
+        values = _critic_step(ac, accelerator, ro, b_exp, idx, (ids, attn, m), None, cfg, scale)
     with ac.autocast():
         logp, entropy = ac.policy_forward(ids, attn, P)
     logp = logp.float()
     if b_exp is None:  # the critic's returns need π_old, which is this forward's
-        values = _critic_step(ac, accelerator, ro, None, idx, logp.detach(), cfg, scale)
+        values = _critic_step(ac, accelerator, ro, None, idx, (ids, attn, m), logp.detach(), cfg, scale)
         b_exp = experience(ro, logp, values, cfg)
     # `values` are detached: this backward reaches the policy only; the critic's is done.
     loss, stats = ppo_loss(logp, values, *b_exp.at(idx, dev), m, entropy=entropy, **hyper)
@@ -418,15 +418,15 @@ def train_step(model: Any, ac: ActorCritic, accelerator: Any, ro: Rollout, b_exp
     return b_exp, stats
 
 
-def _critic_step(ac: ActorCritic, accelerator: Any, ro: Rollout, b_exp: Experience | None, idx: list[int], old_logprobs: torch.Tensor | None, cfg: PPOConfig, scale: float) -> torch.Tensor:
+def _critic_step(ac: ActorCritic, accelerator: Any, ro: Rollout, b_exp: Experience | None, idx: list[int], rows_on_device: tuple[torch.Tensor, ...], old_logprobs: torch.Tensor | None, cfg: PPOConfig, scale: float) -> torch.Tensor:
     """The critic's forward and the backward of its loss term c_V·L_V for rows `idx`, in row
-    chunks (`ActorCritic.critic_row_chunks`) weighted to give the masked mean over all of
-    `idx`; returns the values, detached (len(idx), C). Without `b_exp` (the first forward,
-    φ = φ_old), V_old is these values, and each chunk's returns come from its own rows' π_old
-    (`old_logprobs`) and V_old alone: GAE runs row by row."""
-    dev = ac.device
-    ids, attn, P = ro.enc.input_ids[idx].to(dev), ro.enc.attention_mask[idx].to(dev), ro.enc.prompt_width
-    m = ro.mask[idx].to(dev).float()
+    chunks (`ActorCritic.critic_row_chunks`) weighted to give the masked mean over all of `idx`
+    (`rows_on_device`: their input ids, attention mask and completion mask, as `train_step`
+    moved them); returns the values, detached (len(idx), C). Without `b_exp` (the first
+    forward, φ = φ_old), V_old is these values, and each chunk's returns come from its own rows'
+    π_old (`old_logprobs`) and V_old alone: GAE runs row by row."""
+    dev, P = ac.device, ro.enc.prompt_width
+    ids, attn, m = rows_on_device
     n_tokens = m.sum().clamp_min(1.0)
     out = torch.zeros_like(m)
     for chunk in ac.critic_row_chunks(len(idx)):
