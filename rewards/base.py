@@ -4,13 +4,17 @@ A provider scores a batch of (prompt, completion) texts and returns a `RewardRes
 evaluation and the studies talk to providers only through `score`; they never look inside.
 Providers take text, not token ids, so a reward model may use a tokenizer other than the
 policy's.
+
+A pairwise judge (GenRM) compares two completions of one prompt and returns a
+`PreferenceResult`; `JudgeReward` turns it into a provider by comparing each completion with a
+reference completion of the same prompt.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -96,3 +100,92 @@ def _as_prompt(prompt: Any) -> Prompt:
     if isinstance(prompt, list):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
     raise TypeError(f"a prompt must be text or a list of messages, got {type(prompt).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairwise judges
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceResult:
+    prob_first: torch.Tensor  # (B,) float32 P(first ≻ second); 0.5 where not valid
+    valid: torch.Tensor  # (B,) bool: False where the judge could not answer
+    extras: dict[str, list[Any]] = field(default_factory=dict)  # per-sample diagnostics (rationales, each order's P, verdict mass), each of length B
+
+    def __post_init__(self) -> None:
+        if self.prob_first.dim() != 1:
+            raise ValueError(f"prob_first must have shape (B,), got {tuple(self.prob_first.shape)}")
+        self.prob_first = self.prob_first.detach().to(torch.float32).cpu()
+        self.valid = self.valid.detach().to(torch.bool).cpu()
+        if self.valid.shape != self.prob_first.shape:
+            raise ValueError(f"valid {tuple(self.valid.shape)} does not match prob_first {tuple(self.prob_first.shape)}")
+        for key, values in self.extras.items():
+            if len(values) != len(self.prob_first):
+                raise ValueError(f"extras['{key}'] has {len(values)} entries for {len(self.prob_first)} comparisons")
+        bad = self.valid & ~((self.prob_first >= 0) & (self.prob_first <= 1))
+        if bad.any():
+            raise ValueError(f"prob_first must lie in [0, 1] where valid, got {self.prob_first[bad].tolist()[:3]}")
+        # Invalid entries carry 0.5 (no preference), never NaN.
+        self.prob_first = torch.where(self.valid, self.prob_first, torch.full_like(self.prob_first, 0.5))
+
+
+class PairwiseJudge(ABC):
+    """Compares two completions of the same prompt: P(first ≻ second) per row."""
+
+    name: str = "judge"
+
+    @abstractmethod
+    def prefer(self, prompts: Sequence[Prompt], first: Sequence[str], second: Sequence[str]) -> PreferenceResult:
+        """prompts: B prompts; first, second: B completions each. Returns P(first ≻ second)."""
+
+    def close(self) -> None:
+        """Release resources. Optional."""
+
+    def shared_adapter(self) -> str | None:
+        """As `RewardProvider.shared_adapter`: the frozen adapter this judge runs on a host's base."""
+        return None
+
+
+def log_odds(p: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """r = log p − log(1 − p) with p clipped to [ε, 1 − ε], so that |r| ≤ log((1 − ε)/ε)
+    (≈ 9.21 at ε = 1e-4): a judge's certainty can't become an unbounded reward. In float64, so
+    that p near 1 keeps its resolution. p: (B,) → (B,) float32."""
+    if not 0 < epsilon < 0.5:
+        raise ValueError(f"epsilon must lie in (0, 0.5), got {epsilon}")
+    q = p.double().clamp(epsilon, 1 - epsilon)
+    return (torch.log(q) - torch.log1p(-q)).float()
+
+
+class JudgeReward(RewardProvider):
+    """A pairwise judge as a pointwise reward: r(x, y) = log p/(1 − p), p = P(y ≻ y_ref(x)), p
+    clipped to [ε, 1 − ε] (`log_odds`). This is the reward a GenRM gives in RL against a fixed
+    reference (Mahan et al. 2024; DESIGN.md "The one reward interface"): 0 when the judge can't
+    tell y from the reference, positive when it prefers y.
+
+    reference: maps B prompts to B reference completions (`rewards.references`: a field of the
+    prompt data, or samples of the starting policy cached in the run directory). The loops
+    never see it. A comparison the judge could not answer is an invalid sample."""
+
+    def __init__(self, judge: PairwiseJudge, reference: Callable[[Sequence[Prompt]], list[str]], *, epsilon: float = 1e-4, name: str = "judge_reward") -> None:
+        log_odds(torch.tensor([0.5]), epsilon)  # validates epsilon
+        self.judge = judge
+        self.reference = reference
+        self.epsilon = epsilon
+        self.name = name
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> RewardResult:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        refs = self.reference(prompts)
+        if len(refs) != len(prompts):
+            raise ValueError(f"the reference source gave {len(refs)} references for {len(prompts)} prompts")
+        pref = self.judge.prefer(prompts, completions, refs)
+        extras = dict(pref.extras) | {"prob_vs_reference": pref.prob_first.tolist()}
+        return RewardResult(log_odds(pref.prob_first, self.epsilon), pref.valid, extras)
+
+    def close(self) -> None:
+        self.judge.close()
+
+    def shared_adapter(self) -> str | None:
+        return self.judge.shared_adapter()
