@@ -206,6 +206,19 @@ class ActorCritic(nn.Module):
             self._set_adapter(previous)
 
     @contextlib.contextmanager
+    def adapters_off(self) -> Iterator[Any]:
+        """Yields the base model as it was loaded: the shared base with every adapter disabled
+        (shared_lora), or the frozen starting copy (separate). A judge runs here."""
+        if self.layout != "shared_lora":
+            yield self.reference
+            return
+        try:
+            with self.policy.disable_adapter():
+                yield self.policy
+        finally:
+            self._keep_both_trainable()
+
+    @contextlib.contextmanager
     def as_reference(self) -> Iterator[Any]:
         """Yields the model to run as π_ref."""
         if self.layout != "shared_lora":
