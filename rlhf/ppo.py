@@ -89,6 +89,7 @@ class PPOConfig:
     checkpoint_every: int = doc(0, "checkpoint every N updates (0: only at the end)")
     resume: bool = doc(False, "continue from the latest checkpoint in output_dir (CLI: --resume RUN_DIR)")
     sample_every: int = doc(5, "log a table of sample completions every N updates")
+    max_invalid_fraction: float = doc(0.5, "stop the run when more than this fraction of an update's samples could not be judged by the reward provider (a judge that gave no verdict); those samples are masked out of the losses, never trained as reward 0")
 
     def __post_init__(self) -> None:
         if self.batch_size % (self.num_minibatches * self.grad_accum_steps):
@@ -97,6 +98,8 @@ class PPOConfig:
             raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
         if self.eval_samples_per_prompt < 1:
             raise ConfigError(f"eval_samples_per_prompt must be at least 1, got {self.eval_samples_per_prompt}")
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            raise ConfigError(f"max_invalid_fraction must be in [0, 1], got {self.max_invalid_fraction}")
 
 
 def fuse_old_forward(cfg: PPOConfig) -> bool:
@@ -128,6 +131,13 @@ class Rollout:
     texts: list[str]  # the decoded completions
     kl_coef: float  # β at rollout time
 
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, C) the tokens PPO trains on: the completion mask with the rows the provider could
+        not judge zeroed. Such a sample has no reward, and 0 would be a made-up one: it takes no
+        part in the advantages, their whitening, or the policy and value losses."""
+        return self.mask * self.valid.to(self.mask.dtype)[:, None]
+
 
 @dataclass
 class Experience:
@@ -148,8 +158,9 @@ def advantages_and_returns(ro: Rollout, rows: Any, logprobs: torch.Tensor, value
     """GAE advantages (not whitened) and returns of the rollout's `rows`, given their π_old
     log-probs and V_old values (len(rows), C). The per-token rewards are −β·KL(π_old ‖ π_ref) at
     every token plus the score at the last one (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2).
-    Row by row, so a chunk of rows gets what the whole batch would give it."""
-    m = ro.mask[rows].to(logprobs.device).float()
+    Row by row, so a chunk of rows gets what the whole batch would give it. Rows the provider
+    could not judge get zero advantages and returns (`Rollout.loss_mask`)."""
+    m = ro.loss_mask[rows].to(logprobs.device).float()
     logprobs, values = logprobs.detach().float() * m, values.detach().float() * m
     kl = kl_penalty(logprobs, ro.ref_logprobs[rows].to(logprobs.device), cfg.kl.estimator)
     rewards = per_token_rewards(ro.scores[rows].to(logprobs.device), kl, m, ro.kl_coef)
@@ -158,11 +169,12 @@ def advantages_and_returns(ro: Rollout, rows: Any, logprobs: torch.Tensor, value
 
 def experience(ro: Rollout, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> Experience:
     """The `Experience` of the whole rollout from π_old's log-probs and V_old's values (B, C);
-    advantages are whitened over the batch (Huang et al. 2024, detail on advantage whitening)."""
+    advantages are whitened over the batch's judged rows (Huang et al. 2024, detail on advantage
+    whitening). Log-probs and values are kept on every completion token (the KL metrics use them)."""
     m = ro.mask.to(logprobs.device).float()
     advantages, returns = advantages_and_returns(ro, slice(None), logprobs, values, cfg)
     if cfg.whiten_advantages:
-        advantages = whiten(advantages, m)
+        advantages = whiten(advantages, ro.loss_mask.to(logprobs.device).float())
     return Experience((logprobs.detach().float() * m).cpu(), (values.detach().float() * m).cpu(), advantages.cpu(), returns.cpu())
 
 
@@ -244,6 +256,9 @@ def run(cfg: PPOConfig) -> dict:
         t_update = time.time()
         b_prompts = _batch_for(prompts, update, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
         rollout = collect_rollout(ac, provider, b_prompts, cfg, kl_ctl.value, moments, for_training=rollout_feeds_first_step)
+        # every process stops together: the count is summed over processes first
+        invalid = accelerator.reduce(torch.tensor([float((~rollout.valid).sum()), float(len(rollout.valid))], device=accelerator.device), "sum")
+        check_invalid(int(invalid[0]), int(invalid[1]), cfg, update + 1, provider.name)
         t_train = time.time()
         b_exp, stats = ppo_update(model, ac, optimizer, accelerator, rollout, cfg)
         t_done = time.time()
@@ -312,9 +327,26 @@ def collect_rollout(ac: ActorCritic, provider: RewardProvider, b_prompts: list[t
     return Rollout(enc, mask, ref_logprobs, scores, result.rewards.clone(), result.valid, finished, texts, kl_coef)
 
 
+class TooManyInvalidError(RuntimeError):
+    """The reward provider could not judge too many samples of an update."""
+
+
+def check_invalid(invalid: int, total: int, cfg: PPOConfig, update: int, provider_name: str) -> None:
+    """Stop the run when the provider could not judge more than `max_invalid_fraction` of an
+    update's samples: training on what is left would follow a few samples, and the cause (a judge
+    that does not answer in the expected format, a server that is down) needs fixing."""
+    if invalid / max(total, 1) > cfg.max_invalid_fraction:
+        raise TooManyInvalidError(
+            f"update {update}: the reward provider '{provider_name}' could not judge {invalid} of {total} samples "
+            f"(more than max_invalid_fraction = {cfg.max_invalid_fraction}); check the provider (for a judge: its verdict "
+            f"mass, `min_mass`, its prompt) or raise max_invalid_fraction. Checkpoints written so far are kept."
+        )
+
+
 def shaped_scores(result: RewardResult, finished: torch.Tensor, cfg: PPOConfig, moments: RunningMoments) -> torch.Tensor:
     """The provider's rewards (B,) as PPO uses them: missing-EOS penalty, running-std
-    normalisation, clipping; an unjudged sample earns 0."""
+    normalisation, clipping. An unjudged sample's score is 0 here, a placeholder: PPO masks it
+    out of the losses (`Rollout.loss_mask`)."""
     scores = result.rewards.clone()
     if cfg.missing_eos_penalty is not None:
         # A completion cut at max_new_tokens is penalised (Huang et al. 2024, detail on EOS trick):
@@ -391,7 +423,7 @@ def train_step(model: Any, ac: ActorCritic, accelerator: Any, ro: Rollout, b_exp
     policy's. The gradients are those of one backward of L."""
     dev = ac.device
     ids, attn, P = ro.enc.input_ids[idx].to(dev), ro.enc.attention_mask[idx].to(dev), ro.enc.prompt_width
-    m = ro.mask[idx].to(dev).float()
+    m = ro.loss_mask[idx].to(dev).float()  # unjudged rows take no part in either loss
     scale = 1.0 / cfg.grad_accum_steps
     hyper = dict(clip=cfg.clip, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef)
     if accelerator.num_processes > 1:
@@ -456,6 +488,7 @@ def rollout_metrics(ro: Rollout, b_exp: Experience, seq_kl: torch.Tensor) -> dic
         "reward/raw_mean": float(ro.raw_scores[ro.valid].mean()) if ro.valid.any() else float("nan"),
         "reward/score_mean": float(ro.scores.mean()),
         "reward/invalid_fraction": float((~ro.valid).float().mean()),
+        "reward/invalid_count": float((~ro.valid).sum()),
         "kl/k1": float(seq_kl.mean()),
         "kl/k3": float(k3.mean()),
         "response/length": float(ro.mask.sum(-1).float().mean()),
@@ -506,7 +539,7 @@ def evaluate_policy(ac: ActorCritic, provider: RewardProvider, records: list[Pro
     `paired_change` averages each prompt's samples first."""
     k = cfg.eval_samples_per_prompt
     items = [(i, j, r.prompt, render_prompt(ac.tokenizer, r.prompt)) for i, r in enumerate(records) for j in range(k)]
-    rewards, kls, samples = [], [], []
+    rewards, kls, valids, samples = [], [], [], []
     size = cfg.eval_batch_size or cfg.batch_size
     with torch.random.fork_rng(devices=[ac.device] if ac.device.type == "cuda" else []):
         torch.manual_seed(1234)  # the same sampling noise before and after training
@@ -518,22 +551,29 @@ def evaluate_policy(ac: ActorCritic, provider: RewardProvider, records: list[Pro
             seq_kl = (kl_penalty(logp.float().cpu() * ro.mask, ro.ref_logprobs, "k1") * ro.mask).sum(-1)
             rewards.append(ro.raw_scores)
             kls.append(seq_kl)
-            samples += [{"prompt": p, "index": i, "sample": j, "completion": t, "reward": float(r), "kl": float(kl)}
-                        for (i, j, p, _), t, r, kl in zip(batch, ro.texts, ro.raw_scores, seq_kl)]
-    r, kl = torch.cat(rewards), torch.cat(kls)
-    summary = {"reward_mean": float(r.mean()), "kl_mean": float(kl.mean()), "prompts": len(records), "samples_per_prompt": k}
+            valids.append(ro.valid)
+            samples += [{"prompt": p, "index": i, "sample": j, "completion": t, "reward": float(r) if v else None, "kl": float(kl)}
+                        for (i, j, p, _), t, r, v, kl in zip(batch, ro.texts, ro.raw_scores, ro.valid.tolist(), seq_kl)]
+    r, kl, valid = torch.cat(rewards), torch.cat(kls), torch.cat(valids)
+    # a sample the provider could not judge has no reward: it is counted, not averaged in as 0
+    summary = {"reward_mean": float(r[valid].mean()) if valid.any() else float("nan"), "kl_mean": float(kl.mean()),
+               "prompts": len(records), "samples_per_prompt": k, "invalid": int((~valid).sum())}
     return {"summary": summary, "samples": samples}
 
 
 def paired_change(before: list[dict], after: list[dict]) -> dict[str, float]:
     """The held-out reward change, after − before, over the same prompts: the mean over prompts
     of each prompt's change in mean reward (its samples averaged), and the standard error of
-    that mean (paired, so prompt-to-prompt spread cancels)."""
+    that mean (paired, so prompt-to-prompt spread cancels). Samples the provider could not judge
+    (reward None) on either side are left out; a prompt with none left is left out."""
     if len(before) != len(after) or any(b["prompt"] != a["prompt"] or b.get("index") != a.get("index") for b, a in zip(before, after)):
         raise ValueError("before/after evaluations must cover the same prompts in the same order")
     per_prompt: dict[int, list[float]] = {}
     for n, (b, a) in enumerate(zip(before, after)):
-        per_prompt.setdefault(b.get("index", n), []).append(a["reward"] - b["reward"])
+        if b["reward"] is not None and a["reward"] is not None:
+            per_prompt.setdefault(b.get("index", n), []).append(a["reward"] - b["reward"])
+    if not per_prompt:
+        return {"mean": float("nan"), "se": float("nan"), "prompts": 0}
     d = torch.tensor([sum(v) / len(v) for v in per_prompt.values()], dtype=torch.float64)
     se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     return {"mean": float(d.mean()), "se": se, "prompts": len(d)}
@@ -541,8 +581,8 @@ def paired_change(before: list[dict], after: list[dict]) -> dict[str, float]:
 
 def _log_samples(run_dir: Path, update: int, b_prompts: list[tuple[Any, str]], ro: Rollout) -> None:
     with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
-        for (p, _), text, score in zip(b_prompts, ro.texts, ro.raw_scores.tolist()):
-            fh.write(json.dumps({"update": update, "prompt": p, "completion": text, "reward": score}, ensure_ascii=False) + "\n")
+        for (p, _), text, score, valid in zip(b_prompts, ro.texts, ro.raw_scores.tolist(), ro.valid.tolist()):
+            fh.write(json.dumps({"update": update, "prompt": p, "completion": text, "reward": score if valid else None}, ensure_ascii=False) + "\n")
 
 
-__all__ = ["PPOConfig", "KLConfig", "run", "collect_rollout", "ppo_update", "train_step", "fuse_old_forward", "Rollout", "Experience", "RunningMoments"]
+__all__ = ["PPOConfig", "KLConfig", "run", "collect_rollout", "ppo_update", "train_step", "fuse_old_forward", "Rollout", "Experience", "RunningMoments", "TooManyInvalidError"]

@@ -19,3 +19,13 @@ def prompt_sign(prompts, completions, **kwargs):
 
 
 NOT_CALLABLE = 42
+
+
+def none_for_jokes(prompts, completions, **kwargs):
+    """Can't judge a completion of a prompt that asks for a joke: None there; its length elsewhere."""
+    return [None if "joke" in str(p) else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def never(prompts, completions, **kwargs):
+    """A judge that never answers."""
+    return [None for _ in completions]

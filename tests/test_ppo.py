@@ -397,3 +397,45 @@ def test_ppo_update_moves_log_probs_in_the_direction_of_the_reward(tiny_llama_di
     change = ((after.cpu() - b_exp.logprobs) * ro.mask).sum(-1)  # Δ log π(y|x) per sample
     assert change[0] > 0 and change[2] > 0, change
     assert change[1] < 0 and change[3] < 0, change
+
+
+def test_unjudged_samples_are_masked_out_of_the_losses(tiny_llama_dir, tmp_path, monkeypatch):
+    """A sample the provider could not judge trains as nothing, not as reward 0: its advantages
+    and returns are 0, and whatever score it carries leaves the update unchanged; treating it as
+    a judged sample with reward 0 (the old behaviour) gives a different update."""
+    import rlhf.ppo as ppo_mod
+
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "reward={type: function, path: 'reward_fns:none_for_jokes'}", "ppo_epochs=2")
+    masked = _one_update(cfg, random_value_head=True)
+    (ro, exp) = masked[0]
+    assert ro.valid.tolist() == [True, True, False, True]  # "Tell me a joke" is the third prompt
+    assert ro.mask[2].sum() > 0 and ro.loss_mask[2].sum() == 0
+    assert torch.all(exp.advantages[2] == 0) and torch.all(exp.returns[2] == 0)
+    assert torch.all(exp.logprobs[2] != 0)  # kept for the KL metrics
+
+    real_shaped = ppo_mod.shaped_scores
+    monkeypatch.setattr(ppo_mod, "shaped_scores", lambda result, *a: torch.where(result.valid, real_shaped(result, *a), torch.full_like(result.rewards, 100.0)))
+    other_score = _one_update(cfg, random_value_head=True)
+    _assert_same_update(masked, other_score, atol=1e-6)
+
+    monkeypatch.setattr(ppo_mod, "shaped_scores", real_shaped)
+    from rewards.base import RewardResult
+    from rewards.registry import build_provider
+
+    provider = build_provider(cfg.reward)
+    real_score = type(provider).score
+    monkeypatch.setattr(type(provider), "score", lambda self, p, c: (lambda r: RewardResult(r.rewards, torch.ones_like(r.valid), r.extras))(real_score(self, p, c)))
+    as_zero = _one_update(cfg, random_value_head=True)
+    params, params_zero = masked[2], as_zero[2]
+    assert any(not torch.allclose(params[n], params_zero[n], atol=1e-6) for n in params)
+
+
+def test_run_stops_when_too_many_samples_are_unjudged(tiny_llama_dir, tmp_path):
+    from rlhf.ppo import TooManyInvalidError, check_invalid
+
+    cfg = tiny_ppo_cfg(tiny_llama_dir, tmp_path, "reward={type: function, path: 'reward_fns:never'}", "eval_prompts=null", "max_invalid_fraction=0.5")
+    with pytest.raises(TooManyInvalidError, match=r"update 1: the reward provider 'never' could not judge 4 of 4 samples"):
+        run(cfg)
+    check_invalid(2, 4, cfg, 1, "judge")  # exactly at the threshold: goes on
+    with pytest.raises(TooManyInvalidError):
+        check_invalid(3, 4, cfg, 1, "judge")
