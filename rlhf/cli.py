@@ -78,14 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convert", metavar="ALIAS", help="convert an embedded model into the cache now")
     p.set_defaults(handler=_models)
 
-    p = sub.add_parser("eval-rm", help="evaluate a reward model on preference data: accuracy, margin, calibration")
-    p.add_argument("model", help="reward model directory (written by `rlhf train-rm`)")
+    p = sub.add_parser("eval-rm", help="evaluate a reward model or judge on preference data: accuracy, margin or P, calibration")
+    p.add_argument("model", metavar="MODEL_OR_JUDGE", help=JUDGE_SPEC_HELP)
     p.add_argument("data", nargs="+", metavar="DATA[@SPLIT]",
                    help="preference data file; '@test' or '@train' picks a side of the prompt-hash split (default: all)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="test fraction of the prompt-hash split")
-    p.add_argument("--batch-size", type=int, default=16, help="rows scored per forward pass")
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (and rows whose label is null) and report them")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     p.set_defaults(handler=_eval_rm)
+
+    p = sub.add_parser("label-pairs", help="label preference pairs with a judge's P(chosen ≻ rejected): soft labels for train-rm (RLAIF)",
+                       description="Label every pair of DATA with P(chosen ≻ rejected) from a judge or reward model and write "
+                                   "OUT.jsonl (prompt, chosen, rejected, label, human_label, valid, extras), which train-rm "
+                                   "trains on as soft labels.")
+    p.add_argument("judge", metavar="JUDGE_SPEC", help=JUDGE_SPEC_HELP)
+    p.add_argument("data", metavar="DATA[@SPLIT]",
+                   help="preference data file; '@test' or '@train' picks a side of the prompt-hash split (default: all)")
+    p.add_argument("out", metavar="OUT.jsonl", help="labelled pairs, written atomically")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="test fraction of the prompt-hash split")
+    p.add_argument("--max-items", type=int, default=None, help="label at most this many pairs (after the split), in file order")
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows of DATA and report them")
+    p.set_defaults(handler=_label_pairs)
 
     data = sub.add_parser("data", help="data file tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -134,35 +149,92 @@ def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+JUDGE_SPEC_HELP = ("a reward model directory (`rlhf train-rm`), a judge directory (`rlhf train-judge`), "
+                   "or a YAML file holding one reward or judge spec (a mapping with 'type', e.g. genrm, drlaif, bt)")
+BATCH_SIZE_HELP = "rows per forward pass of a reward model (default 16) or judge directory; a YAML spec sets its own"
+
+
+def _data_config(spec: str, test_fraction: float, max_items: int | None = None, skip_invalid: bool = False):
+    """DATA[@SPLIT] → DataConfig; a path that itself contains '@' works when it exists."""
+    from rlhf.config import ConfigError, DataConfig
+
+    path, split = spec, "all"
+    if "@" in spec:
+        head, _, tail = spec.rpartition("@")
+        if tail in ("all", "train", "test"):
+            path, split = head, tail
+        else:
+            from pathlib import Path
+
+            if not Path(spec).exists():
+                raise ConfigError(f"{spec}: the split after '@' must be all, train or test, got {tail!r}")
+    return DataConfig(path=path, split=split, test_fraction=test_fraction, max_items=max_items, skip_invalid=skip_invalid)  # type: ignore[arg-type]
+
+
 def _eval_rm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from rewards.reward_model import RewardModelProviderConfig, load_reward_model_provider
-    from rlhf.config import DataConfig
-    from rlhf.evaluation import evaluate_pairs
+    from rlhf.evaluation import build_scorer, evaluate
     from rlhf.io import atomic_write_json
     from rlhf.train_rm import load_split_pairs
 
-    provider = load_reward_model_provider(RewardModelProviderConfig(path=args.model, batch_size=args.batch_size))
-    results = {}
-    for spec in args.data:
-        path, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "all")
-        if split not in ("all", "train", "test"):
-            raise SystemExit(f"error: {spec}: split must be all, train or test")
-        pairs = load_split_pairs(DataConfig(path=path, split=split, test_fraction=args.test_fraction))  # type: ignore[arg-type]
-        results[spec] = evaluate_pairs(provider, pairs)
+    # The data first: a bad file fails before a model loads.
+    data = {spec: load_split_pairs(_data_config(spec, args.test_fraction, skip_invalid=args.skip_invalid)) for spec in args.data}
+    scorer = build_scorer(args.model, batch_size=args.batch_size)
+    try:
+        results = {spec: evaluate(scorer, pairs) for spec, pairs in data.items()}
+    finally:
+        scorer.close()
     print(format_eval_table(results))
+    for spec, per_subset in results.items():
+        if per_subset["all"].get("invalid"):
+            print(f"{spec}: {per_subset['all']['invalid']} pairs the {scorer.name} could not judge are left out")
     if args.out:
         atomic_write_json(args.out, results)
     return 0
 
 
+_COLUMNS = (  # (header, key, shown only when some row has the key)
+    ("pairs", "pairs", False),
+    ("accuracy", "accuracy", False),
+    ("mean margin", "mean_margin", True),
+    ("mean P(chosen)", "mean_prob", True),
+    ("ECE", "ece", False),
+    ("order disagreement", "order_disagreement", True),
+    ("AI-label agreement", "label_agreement", True),
+)
+
+
 def format_eval_table(results: dict) -> str:
-    """A Markdown table: one row per (data set, subset)."""
-    lines = ["| data | subset | pairs | accuracy | mean margin | ECE |", "|---|---|---:|---:|---:|---:|"]
-    for name, per_subset in results.items():
-        for subset, m in per_subset.items():
-            if m.get("pairs"):
-                lines.append(f"| {name} | {subset} | {m['pairs']} | {m['accuracy']:.3f} | {m['mean_margin']:.3f} | {m['ece']:.3f} |")
+    """A Markdown table: one row per (data set, subset). A reward model's rows have a mean margin;
+    a judge's have mean P(chosen ≻ rejected) and, where the judge reports it, how often its two
+    presentation orders disagree; a labelled file adds its AI labels' agreement with the file."""
+    rows = [(name, subset, m) for name, per_subset in results.items() for subset, m in per_subset.items() if m.get("pairs")]
+    cols = [(header, key) for header, key, optional in _COLUMNS if not optional or any(key in m for _, _, m in rows)]
+    lines = ["| data | subset | " + " | ".join(h for h, _ in cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for name, subset, m in rows:
+        cells = [str(m[key]) if key == "pairs" else (f"{m[key]:.3f}" if m.get(key) is not None else "–") for _, key in cols]
+        lines.append(f"| {name} | {subset} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _label_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rlhf.config import ConfigError
+    from rlhf.evaluation import build_scorer
+    from rlhf.labels import format_label_summary, label_pairs, summarize_labels, write_labels
+    from rlhf.train_rm import load_split_pairs
+
+    if not args.out.lower().endswith(".jsonl"):
+        raise ConfigError(f"{args.out}: the labelled pairs are written as JSONL; give a name ending in .jsonl")
+    if args.max_items is not None and args.max_items <= 0:
+        raise ConfigError(f"--max-items must be positive, got {args.max_items}")
+    pairs = load_split_pairs(_data_config(args.data, args.test_fraction, args.max_items, args.skip_invalid))
+    scorer = build_scorer(args.judge, batch_size=args.batch_size)
+    try:
+        labelled = label_pairs(scorer, pairs, progress=True)
+    finally:
+        scorer.close()
+    write_labels(args.out, labelled.rows)
+    print(format_label_summary(summarize_labels(labelled.rows), args.out, labelled.dropped_extras))
+    return 0
 
 
 def _data_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -95,6 +95,7 @@ class PreferencePair:
     subset: str | None = None
     source: str = ""
     margin: float | None = None  # optional BT margin m: the loss becomes −log σ(r_c − r_r − m)
+    label: float | None = None  # optional soft label p = P(chosen ≻ rejected) ∈ [0, 1] (an AI labeller's); None: 1
 
 
 @dataclass(frozen=True)
@@ -451,8 +452,9 @@ def parse_pair(row: Mapping[str, Any], location: str) -> PreferencePair:
     d. Anthropic HH: no ``prompt``; ``chosen``/``rejected`` are ``\\n\\nHuman: ...
        \\n\\nAssistant: ...`` transcripts (see :func:`_split_hh`).
 
-    Optional ``id`` (any scalar, kept as text) and ``subset`` (text) are kept; other
-    extra fields are ignored.
+    Optional ``id`` (any scalar, kept as text), ``subset`` (text), ``margin`` (a number) and
+    ``label`` (or ``prob_chosen``: a soft label P(chosen ≻ rejected) in [0, 1]; an explicit null
+    is a row error, see :func:`_parse_label`) are kept; other extra fields are ignored.
     """
     chosen_raw = _get(row, "chosen")
     rejected_raw = _get(row, "rejected")
@@ -487,6 +489,7 @@ def parse_pair(row: Mapping[str, Any], location: str) -> PreferencePair:
         subset=_parse_subset(row, location, ("subset",)),
         source=location,
         margin=_parse_margin(row, location),
+        label=_parse_label(row, location),
     )
 
 
@@ -497,6 +500,33 @@ def _parse_margin(row: Mapping[str, Any], location: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(location, f"expected a finite number, got {value!r}", "margin")
+    return float(value)
+
+
+_LABEL_KEYS = ("label", "prob_chosen")
+
+
+def _parse_label(row: Mapping[str, Any], location: str) -> float | None:
+    """Optional soft label P(chosen ≻ rejected) in [0, 1], from `label` or `prob_chosen` (not both).
+
+    Unlike other fields, an explicit null is not "absent": it is what `rlhf label-pairs` writes
+    for a pair its judge could not label, and reading it as absent would train that pair on the
+    hard label 1 without a word. So it is a row error, which `skip_invalid` skips and counts.
+    """
+    given = [key for key in _LABEL_KEYS if _get(row, key) is not None]
+    if len(given) > 1:
+        raise DataError(location, "give either 'label' or 'prob_chosen', not both (both are P(chosen ≻ rejected))", given[1])
+    if not given:
+        null = next((key for key in _LABEL_KEYS if key in row), None)
+        if null is not None:
+            raise DataError(location, "null: this pair has no label (its judge could not label it); drop the row or skip invalid rows", null)
+        return None
+    key = given[0]
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(location, f"expected a number in [0, 1], got {value!r}", key)
+    if not 0.0 <= value <= 1.0:
+        raise DataError(location, f"expected a probability in [0, 1] (P(chosen ≻ rejected)), got {value!r}", key)
     return float(value)
 
 

@@ -44,7 +44,7 @@ class TrainRMConfig:
     objective: Literal["bt", "grm"] = doc("bt", "Bradley-Terry alone, or BT plus GRM's regularizer")
     grm: GRMConfig = doc(GRMConfig(), "GRM settings (used when objective is grm)")
     center_coef: float = doc(0.0, "reward-centering coefficient η: adds η·mean((r_c + r_r)²) to the loss")
-    data: DataConfig = doc(DataConfig(split="train"), "training pairs")
+    data: DataConfig = doc(DataConfig(split="train"), "training pairs; a pair's soft label (field `label` or `prob_chosen`) replaces the hard label 1")
     eval_data: DataConfig | None = doc(DataConfig(split="test"), "pairs evaluated after training (null: skip)")
     chat_template: bool = doc(True, "render prompts with the tokenizer's chat template")
     max_prompt_tokens: int = doc(192, "prompts keep their last this many tokens")
@@ -83,10 +83,14 @@ def pair_losses(rm: RewardModel, batch: list[PreferencePair], cfg: TrainRMConfig
     hidden = rm.hidden_states(enc)  # (2B, T, D)
     r = rm.rewards_from_hidden(hidden, enc)  # (2B,)
     r_c, r_r = r[:B], r[B:]
-    margin = None
+    margin = label = None
     if any(p.margin is not None for p in batch):
         margin = torch.tensor([p.margin or 0.0 for p in batch], device=r.device)
-    out = {"bt": bt_loss(r_c, r_r, margin, cfg.center_coef), "margin": (r_c - r_r).detach()}
+    if any(p.label is not None for p in batch):
+        # Soft labels P(chosen ≻ rejected) (an AI labeller's, `rlhf label-pairs`): cross-entropy
+        # against them; a pair without one keeps the hard label 1.
+        label = torch.tensor([1.0 if p.label is None else p.label for p in batch], device=r.device)
+    out = {"bt": bt_loss(r_c, r_r, margin, cfg.center_coef, label), "margin": (r_c - r_r).detach()}
     if cfg.objective == "grm":
         logp = rm.completion_logps_from_hidden(hidden, enc)  # (2B,)
         ref = rm.reference_completion_logps(enc) if cfg.uses_reference else None

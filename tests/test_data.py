@@ -555,3 +555,33 @@ def test_optional_margin_field(tmp_path):
     loaded = load_pairs(p, skip_invalid=True)
     assert [x.margin for x in loaded.items] == [1.5, None]
     assert len(loaded.skipped) == 1 and ":3:" in loaded.skipped[0] and "'margin'" in loaded.skipped[0]
+
+
+def test_optional_soft_label_field(tmp_path):
+    p = tmp_path / "labels.jsonl"
+    rows = [
+        {"label": 0.75},
+        {"prob_chosen": 0},  # the other name; an int is a number
+        {},  # no label: the hard label 1 applies
+        {"label": 1.5},
+        {"prob_chosen": "high"},
+        {"label": True},
+        {"label": None},  # what label-pairs writes where its judge could not judge
+        {"label": 0.5, "prob_chosen": 0.5},
+        {"label": -0.01},
+    ]
+    p.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"} | r) + "\n" for r in rows))
+    loaded = load_pairs(p, skip_invalid=True)
+    assert [x.label for x in loaded.items] == [0.75, 0.0, None]
+    expected = [(4, "label", "[0, 1]"), (5, "prob_chosen", "expected a number"), (6, "label", "expected a number"),
+                (7, "label", "null: this pair has no label"), (8, "prob_chosen", "not both"), (9, "label", "[0, 1]")]
+    assert len(loaded.skipped) == len(expected)
+    for msg, (line, field, what) in zip(loaded.skipped, expected):
+        assert msg.startswith(f"{p}:{line}: field '{field}': ") and what in msg, msg
+    # Without skip_invalid the first bad row stops the load, naming file, line and field.
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:4: field 'label': expected a probability in \[0, 1\]"):
+        load_pairs(p)
+    # NaN (which Python's json reads) is not a label either.
+    p.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "label": NaN}\n')
+    with pytest.raises(DataError, match="field 'label': expected a number"):
+        load_pairs(p)
