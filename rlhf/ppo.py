@@ -54,7 +54,7 @@ class PPOConfig:
     model: ModelConfig = doc(ModelConfig(lora=LoraConfig(enabled=True)), "the policy (and, in shared_lora, the critic's base)")
     layout: Literal["shared_lora", "separate"] = doc("shared_lora", "one base with policy/critic adapters (ref = adapters off), or separate full models")
     reward: RewardConfig = required("reward provider spec, e.g. {type: bt, path: runs/rm/model}")
-    share_reward_base: bool = doc(True, "shared_lora: a LoRA reward model on the same base runs as a frozen adapter on the policy's base")
+    share_reward_base: bool = doc(True, "shared_lora: a LoRA reward model or trained judge on the same base runs as a frozen adapter on the policy's base, and a judge that is the base model itself runs there with the adapters off (no second copy)")
     value_head_init: str | None = doc(None, "initialise the value head from this reward model's linear head")
     critic_from_reward_adapter: bool = doc(True, "when value_head_init is the shared reward adapter's model, start the critic adapter as that adapter too (V starts as the reward model)")
     prompts: DataConfig = doc(DataConfig(split="train"), "training prompts (any prompt or preference file)")
@@ -216,7 +216,8 @@ def run(cfg: PPOConfig) -> dict:
     ac.temperature = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
     if cfg.value_head_init:
         ac.init_value_head_from_reward_model(cfg.value_head_init)
-    provider = build_provider(cfg.reward, host=ac if cfg.share_reward_base else None)
+    # state_dir: where a provider keeps what a resumed run must see again (a judge's references)
+    provider = build_provider(cfg.reward, host=ac if cfg.share_reward_base else None, state_dir=run_dir)
     shared = provider.shared_adapter()
     if shared and accelerator.is_main_process:
         print(f"reward model {getattr(cfg.reward, 'path', '')}: a frozen adapter on the policy's base (no second copy)")

@@ -206,7 +206,7 @@ def test_composite_configs_resolve_the_recursive_union():
     hints = typing.get_type_hints(WeightedTerm)
     assert hints["provider"] == RewardConfig
     assert typing.get_args(typing.get_type_hints(EnsembleRewardConfig)["members"])[0] == RewardConfig
-    assert set(registry.PROVIDERS) == set(registry._union_tags(RewardConfig)) == {"bt", "grm", "function", "sum", "ensemble"}
+    assert set(registry.PROVIDERS) == set(registry._union_tags(RewardConfig)) == {"bt", "grm", "genrm", "drlaif", "judge_reward", "function", "sum", "ensemble"}
     assert registry.PROVIDERS["bt"] is registry.PROVIDERS["grm"] is load_reward_model_provider
 
 
