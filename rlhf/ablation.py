@@ -1,8 +1,9 @@
 """`rlhf reward-ablation`: train several reward-model variants on the same data, seed and
 budget, evaluate each on in- and out-of-distribution preference sets, and write a Markdown
-table and a PNG bar chart.
+table and a PNG bar chart. Generative judges (`judges:`) sit beside them as rows: zero-shot
+(d-RLAIF, GenRM) or trained first by `rlhf train-judge` on the same train side.
 
-The run resumes: a variant whose `summary.json` and `eval.json` exist is not trained again.
+The run resumes: a variant or judge whose `eval.json` exists is not trained or scored again.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 from rewards.function import FunctionReward
+from rewards.registry import RewardConfig, build_judge, build_provider
 from rewards.reward_model import RewardModelProvider, load_reward_model
-from rlhf import train_rm
+from rlhf import train_judge, train_rm
 from rlhf.config import DataConfig, doc, doc_factory, required, to_dict
-from rlhf.evaluation import evaluate_pairs
+from rlhf.evaluation import JUDGE_TYPES, evaluate, evaluate_pairs
 from rlhf.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from rlhf.runs import prepare_run_dir
 
@@ -28,6 +30,13 @@ class Variant:
     name: str = required("label in the table and chart; also the variant's run sub-directory")
     objective: Literal["bt", "grm"] = doc("bt", "Bradley-Terry alone, or BT plus GRM's regularizer")
     regularizer: Literal["sft", "dpo", "dpo_noref"] = doc("sft", "GRM regularizer (objective grm only)")
+
+
+@dataclass(frozen=True)
+class JudgeVariant:
+    name: str = required("label in the table and chart; also the judge's run sub-directory")
+    spec: RewardConfig = required("the judge: a genrm spec (pairwise: P(chosen ≻ rejected), both orders) or a drlaif spec (pointwise: both sides scored)")
+    train: train_judge.TrainJudgeConfig | None = doc(None, "train the judge first (`rlhf train-judge` settings; its output_dir is set to the judge's sub-directory) and evaluate the result: spec.path is set to it")
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class AblationConfig:
     variants: tuple[Variant, ...] = doc_factory(_default_variants, "reward-model variants to train and compare")
     eval_sets: tuple[EvalSet, ...] = doc_factory(_default_eval_sets, "evaluation sets (subsets get their own columns)")
     output_dir: str = doc("runs/reward_ablation", "run directory: one sub-directory per variant, plus the table and chart")
+    judges: tuple[JudgeVariant, ...] = doc((), "generative judges evaluated on the same sets, after the reward models")
     length_baseline: bool = doc(True, "add a row for the heuristic 'the shorter completion is preferred' (no training)")
     eval_batch_size: int = doc(16, "rows scored per forward pass during evaluation")
 
@@ -100,6 +110,8 @@ def run(cfg: AblationConfig) -> dict:
             "train": json.loads((vdir / "summary.json").read_text()),
             "eval": json.loads((vdir / "eval.json").read_text()),
         }
+    for j in cfg.judges:
+        results[j.name] = judge_row(cfg, j, eval_pairs, out)
     if cfg.length_baseline:
         # A reward model that only learned a length preference scores like this row: it shows how
         # much of a variant's accuracy a length heuristic alone explains, in and out of distribution.
@@ -108,11 +120,35 @@ def run(cfg: AblationConfig) -> dict:
                             "eval": {name: evaluate_pairs(shorter, pairs) for name, pairs in eval_pairs.items()}}
     columns = result_columns(results)
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", markdown_table(results, columns))
+    atomic_write_text(out / "results.md", markdown_table(results, columns) + judge_disagreement_table(results))
     atomic_write_bytes(out / "results.png", bar_chart_png(results, columns))
-    print(markdown_table(results, columns))
+    print(markdown_table(results, columns) + judge_disagreement_table(results))
     print(f"wrote {out / 'results.md'} and {out / 'results.png'} ({time.time() - t0:.0f}s)")
     return results
+
+
+def judge_row(cfg: AblationConfig, j: JudgeVariant, eval_pairs: dict, out: Path) -> dict:
+    """Train the judge if asked (resumable), score every eval set, keep the result in
+    OUT/NAME/eval.json; a judge with that file is not trained or scored again."""
+    jdir = out / j.name
+    if (jdir / "eval.json").is_file():
+        print(f"[{j.name}] already done, reusing {jdir}")
+    else:
+        spec, train = j.spec, {"train_pairs": 0, "train_seconds": 0.0}
+        if j.train is not None:
+            print(f"[{j.name}] training the judge ({j.train.method})")
+            summary = train_judge.run(dataclasses.replace(j.train, output_dir=str(jdir / "train")))
+            spec = dataclasses.replace(spec, path=str(jdir / "train" / "judge"), model=None)
+            train = {"train_pairs": summary.get("train_pairs", 0), "train_seconds": summary.get("wall_seconds", 0.0)}
+        print(f"[{j.name}] scoring the eval sets")
+        t0 = time.time()
+        scorer = build_judge(spec) if spec.type in JUDGE_TYPES else build_provider(spec)
+        evals = {name: evaluate(scorer, pairs) for name, pairs in eval_pairs.items()}
+        scorer.close()
+        jdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(jdir / "train.json", train | {"eval_seconds": round(time.time() - t0, 1)})
+        atomic_write_json(jdir / "eval.json", evals)
+    return {"train": json.loads((jdir / "train.json").read_text()), "eval": json.loads((jdir / "eval.json").read_text()), "judge": True}
 
 
 SHORTER = "(heuristic) shorter wins"
@@ -135,19 +171,46 @@ def _label(name: str, subset: str) -> str:
 
 def markdown_table(results: dict[str, dict], columns: list[tuple[str, str]]) -> str:
     head = "| variant | " + " | ".join(f"{_label(n, s)} ({next(iter(results.values()))['eval'][n][s]['pairs']})" for n, s in columns) + " |"
-    lines = ["Pairwise accuracy (ties count half); pairs per column in brackets.", "", head, "|---" + "|---:" * len(columns) + "|"]
+    lines = ["Pairwise accuracy (ties count half) ± its standard error √(a(1 − a)/n); pairs per column in brackets.", "", head, "|---" + "|---:" * len(columns) + "|"]
     for variant, r in results.items():
-        lines.append(f"| {variant} | " + " | ".join(f"{r['eval'][n][s]['accuracy']:.3f}" for n, s in columns) + " |")
+        lines.append(f"| {variant} | " + " | ".join(_accuracy_cell(r['eval'][n][s]) for n, s in columns) + " |")
     overall = [(n, s) for n, s in columns if s == "all"]
-    lines += ["", "Mean margin r_c − r_r and expected calibration error of σ(r_c − r_r) on each whole set; training time.", ""]
+    lines += ["", "Mean margin r_c − r_r and expected calibration error of σ(r_c − r_r) on each whole set (for a pairwise judge: "
+              "mean P(chosen ≻ rejected) in place of the margin, and the ECE of P); training time.", ""]
     lines.append("| variant | " + " | ".join(f"{n} margin | {n} ECE" for n, _ in overall) + " | train pairs | train s |")
     lines.append("|---" + "|---:|---:" * len(overall) + "|---:|---:|")
     for variant, r in results.items():
         trained = r["train"]["train_pairs"] > 0
-        # A heuristic's scores (characters) have no reward scale: its margin and ECE mean nothing.
-        cells = " | ".join(f"{r['eval'][n]['all']['mean_margin']:.3f} | {r['eval'][n]['all']['ece']:.3f}" if trained else "– | –" for n, _ in overall)
+        cells = " | ".join(_margin_cells(r, n) for n, _ in overall)
         pairs_cell, secs_cell = (r["train"]["train_pairs"], f"{r['train']['train_seconds']:.0f}") if trained else ("–", "–")
         lines.append(f"| {variant} | {cells} | {pairs_cell} | {secs_cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy_cell(m: dict) -> str:
+    a, n = m["accuracy"], m["pairs"]
+    return f"{a:.3f} ± {(a * (1 - a) / n) ** 0.5:.3f}"
+
+
+def _margin_cells(r: dict, name: str) -> str:
+    m = r["eval"][name]["all"]
+    if "mean_prob" in m:
+        return f"P {m['mean_prob']:.3f} | {m['ece']:.3f}"
+    if r["train"]["train_pairs"] == 0 and not r.get("judge"):
+        return "– | –"  # a heuristic's scores (characters) have no reward scale: its margin and ECE mean nothing
+    return f"{m['mean_margin']:.3f} | {m['ece']:.3f}"
+
+
+def judge_disagreement_table(results: dict[str, dict]) -> str:
+    """For pairwise judges: how often the two presentation orders picked different winners."""
+    rows = [(v, r) for v, r in results.items() if any("order_disagreement" in per.get("all", {}) for per in r["eval"].values())]
+    if not rows:
+        return ""
+    sets = list(next(iter(results.values()))["eval"])
+    lines = ["", "Pairwise judges: fraction of pairs whose two presentation orders picked different winners; invalid comparisons.", "",
+             "| judge | " + " | ".join(f"{s} order disagreement | {s} invalid" for s in sets) + " |", "|---" + "|---:|---:" * len(sets) + "|"]
+    for v, r in rows:
+        lines.append(f"| {v} | " + " | ".join(f"{r['eval'][s]['all'].get('order_disagreement', float('nan')):.3f} | {r['eval'][s]['all'].get('invalid', 0)}" for s in sets) + " |")
     return "\n".join(lines) + "\n"
 
 

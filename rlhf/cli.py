@@ -34,6 +34,10 @@ RECIPE_COMMANDS: dict[str, RecipeCommand] = {
         "train a Bradley-Terry or GRM reward model on preference pairs",
         "rlhf.train_rm:TrainRMConfig:run",
     ),
+    "train-judge": RecipeCommand(
+        "train a GenRM judge on preference pairs: SFT on verdicts, or STaR / STaR-DPO on its own rationales",
+        "rlhf.train_judge:TrainJudgeConfig:run",
+    ),
     "ppo": RecipeCommand(
         "train a policy with PPO against any reward provider",
         "rlhf.ppo:PPOConfig:run",
@@ -53,8 +57,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from policies.hub import ModelNotFoundError
     from rlhf.config import ConfigError
     from rlhf.data import DataError
+    from rlhf.ppo import TooManyInvalidError
 
-    return (ConfigError, DataError, ModelNotFoundError, FileNotFoundError)
+    return (ConfigError, DataError, ModelNotFoundError, FileNotFoundError, TooManyInvalidError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,14 +81,11 @@ def build_scorer(spec: Scorer | Mapping[str, Any] | str | os.PathLike[str], wher
     if isinstance(spec, (str, os.PathLike)):
         where = str(spec)
         spec = scorer_spec(spec, batch_size)
-    from rewards import registry
+    from rewards.registry import build_judge, build_provider
 
     if spec.get("type") in JUDGE_TYPES:
-        build_judge = getattr(registry, "build_judge", None)
-        if build_judge is None:  # the judge registry has not landed in this checkout
-            raise ConfigError(f"{where}: type {spec['type']!r} is a pairwise judge, and rewards.registry has no build_judge yet")
         return build_judge(spec, where=where)
-    return registry.build_provider(spec, where=where)
+    return build_provider(spec, where=where)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def test_shipped_recipes_load():
     from rlhf.cli import RECIPE_COMMANDS
 
     wanted = {"likelihood_demo.yaml": "likelihood-demo", "rm_bt_hh.yaml": "train-rm", "ppo_hh.yaml": "ppo",
-              "quickstart.yaml": "pipeline", "hh_qlora_7b.yaml": "pipeline", "reward_ablation.yaml": "reward-ablation"}
+              "quickstart.yaml": "pipeline", "hh_qlora_7b.yaml": "pipeline", "reward_ablation.yaml": "reward-ablation",
+              "ppo_drlaif.yaml": "ppo", "ppo_genrm.yaml": "ppo", "train_judge.yaml": "train-judge", "train_judge_star.yaml": "train-judge"}
     assert {p.name for p in recipes.glob("*.yaml")} == set(wanted)
     for name, command in wanted.items():
         config_cls, _ = RECIPE_COMMANDS[command].resolve()
@@ -207,6 +208,12 @@ POST_INIT_CASES = [
     ("SumRewardConfig", "rlhf.ppo:PPOConfig", "reward:\n  type: sum\n  terms: []\n", 1, "reward", "term"),
     ("EnsembleRewardConfig", "rlhf.ppo:PPOConfig", f"reward:\n  type: ensemble\n  members: [{FN}]\n  k: -1\n", 4, "reward", "k"),
     ("EnsembleRewardConfig", "rlhf.ppo:PPOConfig", f"reward:\n  type: ensemble\n  members: [{FN}]\n  aggregate: mean_minus_std\n", 4, "reward", "aggregate"),
+    ("PPOConfig", "rlhf.ppo:PPOConfig", f"reward: {FN}\nmax_invalid_fraction: 1.5\n", 2, "", "max_invalid_fraction"),
+    ("DRLAIFConfig", "rlhf.ppo:PPOConfig", "reward:\n  type: drlaif\n  min_mass: 1.5\n", 3, "reward", "min_mass"),
+    ("GenRMConfig", "rlhf.ppo:PPOConfig", "reward:\n  type: judge_reward\n  judge:\n    cot_samples: 0\n", 4, "reward.judge", "cot_samples"),
+    ("GenRMConfig", "rlhf.ppo:PPOConfig", "reward:\n  type: genrm\n  model: m\n  path: p\n", 3, "reward", "model"),
+    ("JudgeRewardConfig", "rlhf.ppo:PPOConfig", "reward:\n  type: judge_reward\n  reference: field\n", 3, "reward", "reference"),
+    ("TrainJudgeConfig", "rlhf.train_judge:TrainJudgeConfig", "method: sft\niterations: 2\n", 2, "", "iterations"),
     ("PipelineConfig", "rlhf.pipeline:PipelineConfig", f"rm:\n  output_dir: runs/rm\nppo:\n  reward: {FN}\n", 3, "", "ppo"),
 ]
 
@@ -242,7 +249,7 @@ def test_post_init_value_errors_become_one_line_naming_file_line_block_and_key(t
 
 def test_every_config_post_init_has_a_case():
     """Every dataclass with a __post_init__ in the project is a config in POST_INIT_CASES, except
-    RewardResult (built from tensors by providers, never from a recipe)."""
+    RewardResult and PreferenceResult (built from tensors by providers, never from a recipe)."""
     import ast
     from pathlib import Path
 
@@ -255,7 +262,7 @@ def test_every_config_post_init_has_a_case():
                     isinstance(f, ast.FunctionDef) and f.name == "__post_init__" for f in node.body
                 ):
                     found.add(node.name)
-    assert found - {"RewardResult"} == {case[0] for case in POST_INIT_CASES}
+    assert found - {"RewardResult", "PreferenceResult"} == {case[0] for case in POST_INIT_CASES}
 
 
 def test_post_init_error_from_an_override_and_from_a_dict(tmp_path):
