@@ -188,12 +188,16 @@ def markdown_table(results: dict[str, dict], columns: list[tuple[str, str]]) -> 
 
 
 def _accuracy_cell(m: dict) -> str:
+    if not m.get("pairs"):
+        return f"– ({m.get('invalid', 0)} invalid)"  # the judge could not answer on any pair
     a, n = m["accuracy"], m["pairs"]
     return f"{a:.3f} ± {(a * (1 - a) / n) ** 0.5:.3f}"
 
 
 def _margin_cells(r: dict, name: str) -> str:
     m = r["eval"][name]["all"]
+    if not m.get("pairs"):
+        return "– | –"
     if "mean_prob" in m:
         return f"P {m['mean_prob']:.3f} | {m['ece']:.3f}"
     if r["train"]["train_pairs"] == 0 and not r.get("judge"):
@@ -229,7 +233,7 @@ def bar_chart_png(results: dict[str, dict], columns: list[tuple[str, str]]) -> b
     for i, v in enumerate(variants):
         xs = [c + (i - (len(variants) - 1) / 2) * width for c in range(len(columns))]
         style = {"color": "lightgrey", "hatch": "//", "edgecolor": "grey"} if v == SHORTER else {}
-        ax.bar(xs, [results[v]["eval"][n][s]["accuracy"] for n, s in columns], width, label=v, **style)
+        ax.bar(xs, [results[v]["eval"][n][s].get("accuracy", float("nan")) for n, s in columns], width, label=v, **style)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(columns)), [_label(n, s) for n, s in columns], rotation=20, ha="right")
     ax.set_ylabel("pairwise accuracy")
