@@ -26,7 +26,7 @@ def test_pipeline_trains_rm_then_ppo_and_resumes(tiny_llama_dir, tmp_path, capsy
     ])
     summary = run(cfg)
     assert summary["reward_model"]["steps"] == 1 and summary["ppo"]["updates"] == 2
-    assert set(summary["ppo"]["eval_before"]) == {"reward_mean", "kl_mean", "prompts", "samples_per_prompt"}
+    assert set(summary["ppo"]["eval_before"]) == {"reward_mean", "kl_mean", "prompts", "samples_per_prompt", "invalid"}
     assert (tmp_path / "ppo" / "reward_kl.png").is_file() and (tmp_path / "summary.json").is_file()
     out = capsys.readouterr().out
     assert "held-out prompts: reward" in out
