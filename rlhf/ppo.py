@@ -220,7 +220,7 @@ def run(cfg: PPOConfig) -> dict:
     provider = build_provider(cfg.reward, host=ac if cfg.share_reward_base else None, state_dir=run_dir)
     shared = provider.shared_adapter()
     if shared and accelerator.is_main_process:
-        print(f"reward model {getattr(cfg.reward, 'path', '')}: a frozen adapter on the policy's base (no second copy)")
+        print(f"reward provider '{provider.name}': a frozen adapter on the policy's base ('{shared}', no second copy)")
     if cfg.value_head_init and cfg.critic_from_reward_adapter and shared and Path(cfg.value_head_init) == Path(getattr(cfg.reward, "path", "")):
         ac.init_critic_adapter_from(shared)
     ac.prepare_frozen()  # after any reward adapter is hosted, so that it loads in full precision
