@@ -21,6 +21,21 @@ import torch
 from rlhf.data import Prompt
 
 
+def _checked_batch(name: str, values: torch.Tensor, valid: torch.Tensor, extras: dict[str, list[Any]], unit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A provider's or judge's per-row output checked and normalised: `values` (B,) as float32 on
+    the CPU, `valid` (B,) as bool, and every extra of length B."""
+    if values.dim() != 1:
+        raise ValueError(f"{name} must have shape (B,), got {tuple(values.shape)}")
+    values = values.detach().to(torch.float32).cpu()
+    valid = valid.detach().to(torch.bool).cpu()
+    if valid.shape != values.shape:
+        raise ValueError(f"valid {tuple(valid.shape)} does not match {name} {tuple(values.shape)}")
+    for key, entries in extras.items():
+        if len(entries) != len(values):
+            raise ValueError(f"extras['{key}'] has {len(entries)} entries for {len(values)} {unit}")
+    return values, valid
+
+
 @dataclass
 class RewardResult:
     rewards: torch.Tensor  # (B,) float32 r(x, y); 0 where not valid
@@ -28,15 +43,7 @@ class RewardResult:
     extras: dict[str, list[Any]] = field(default_factory=dict)  # per-sample diagnostics, each of length B
 
     def __post_init__(self) -> None:
-        if self.rewards.dim() != 1:
-            raise ValueError(f"rewards must have shape (B,), got {tuple(self.rewards.shape)}")
-        self.rewards = self.rewards.detach().to(torch.float32).cpu()
-        self.valid = self.valid.detach().to(torch.bool).cpu()
-        if self.valid.shape != self.rewards.shape:
-            raise ValueError(f"valid {tuple(self.valid.shape)} does not match rewards {tuple(self.rewards.shape)}")
-        for key, values in self.extras.items():
-            if len(values) != len(self.rewards):
-                raise ValueError(f"extras['{key}'] has {len(values)} entries for {len(self.rewards)} samples")
+        self.rewards, self.valid = _checked_batch("rewards", self.rewards, self.valid, self.extras, "samples")
         # Invalid entries carry 0, never NaN, so that a masked sum can't be poisoned.
         self.rewards = torch.where(self.valid, self.rewards, torch.zeros_like(self.rewards))
 
@@ -114,15 +121,7 @@ class PreferenceResult:
     extras: dict[str, list[Any]] = field(default_factory=dict)  # per-sample diagnostics (rationales, each order's P, verdict mass), each of length B
 
     def __post_init__(self) -> None:
-        if self.prob_first.dim() != 1:
-            raise ValueError(f"prob_first must have shape (B,), got {tuple(self.prob_first.shape)}")
-        self.prob_first = self.prob_first.detach().to(torch.float32).cpu()
-        self.valid = self.valid.detach().to(torch.bool).cpu()
-        if self.valid.shape != self.prob_first.shape:
-            raise ValueError(f"valid {tuple(self.valid.shape)} does not match prob_first {tuple(self.prob_first.shape)}")
-        for key, values in self.extras.items():
-            if len(values) != len(self.prob_first):
-                raise ValueError(f"extras['{key}'] has {len(values)} entries for {len(self.prob_first)} comparisons")
+        self.prob_first, self.valid = _checked_batch("prob_first", self.prob_first, self.valid, self.extras, "comparisons")
         bad = self.valid & ~((self.prob_first >= 0) & (self.prob_first <= 1))
         if bad.any():
             raise ValueError(f"prob_first must lie in [0, 1] where valid, got {self.prob_first[bad].tolist()[:3]}")
