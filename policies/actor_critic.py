@@ -227,11 +227,8 @@ class ActorCritic(nn.Module):
             with self.adapter(REFERENCE):
                 yield self.policy
         else:
-            try:
-                with self.policy.disable_adapter():
-                    yield self.policy
-            finally:
-                self._keep_both_trainable()
+            with self.adapters_off() as base:
+                yield base
 
     # --- forward pieces -----------------------------------------------------------------------
     def _logprobs_of(self, logits: torch.Tensor, input_ids: torch.Tensor, prompt_width: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
