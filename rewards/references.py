@@ -44,7 +44,7 @@ class FieldReferences:
     def __init__(self, data: DataConfig, field: str = "chosen") -> None:
         self.path, self.field = data.path, field
         rows = self._pairs(data) if field in ("chosen", "rejected") else self._rows(data)
-        rows = select_split(rows, data.split, data.test_fraction)
+        rows = select_split(rows, data.split, data.test_fraction)[data.offset:]
         if data.max_items is not None:
             rows = rows[: data.max_items]
         if not rows:

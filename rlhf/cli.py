@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -93,18 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the metrics to this JSON file")
     p.set_defaults(handler=_eval_rm)
 
-    p = sub.add_parser("label-pairs", help="label preference pairs with a judge's P(chosen ≻ rejected): soft labels for train-rm (RLAIF)",
+    p = sub.add_parser("label-pairs", help="label preference pairs, or pairs of policy samples, with a judge's P(first ≻ second): soft labels for train-rm (RLAIF)",
                        description="Label every pair of DATA with P(chosen ≻ rejected) from a judge or reward model and write "
                                    "OUT.jsonl (prompt, chosen, rejected, label, human_label, valid, extras), which train-rm "
-                                   "trains on as soft labels.")
+                                   "trains on as soft labels. With --policy, DATA gives prompts instead: the policy samples two "
+                                   "completions per prompt, the judge labels them, and each row is written with the preferred "
+                                   "sample as chosen (label = P(chosen ≻ rejected) ≥ 0.5, human_label null).")
     p.add_argument("judge", metavar="JUDGE_SPEC", help=JUDGE_SPEC_HELP)
     p.add_argument("data", metavar="DATA[@SPLIT]",
-                   help="preference data file; '@test' or '@train' picks a side of the prompt-hash split (default: all)")
+                   help="preference data file (with --policy: any prompt or pair file); '@test' or '@train' picks a side of the prompt-hash split (default: all)")
     p.add_argument("out", metavar="OUT.jsonl", help="labelled pairs, written atomically")
     p.add_argument("--test-fraction", type=float, default=0.1, help="test fraction of the prompt-hash split")
-    p.add_argument("--max-items", type=int, default=None, help="label at most this many pairs (after the split), in file order")
+    p.add_argument("--max-items", type=int, default=None, help="label at most this many pairs or prompts (after the split), in file order")
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows of DATA and report them")
+    g = p.add_argument_group("pairs of policy samples")
+    g.add_argument("--policy", metavar="MODEL", default=None, help="sample the pairs from this model (alias, local directory or hub id) instead of reading them from DATA")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per sample")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1: the policy's own distribution)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus filter (1: off)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="the policy sees each prompt's last this many tokens (default: all)")
+    g.add_argument("--policy-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="the policy's weight dtype")
+    g.add_argument("--sample-batch-size", type=int, default=16, help="prompts per sampling batch (two samples each)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(handler=_label_pairs)
 
     data = sub.add_parser("data", help="data file tools")
@@ -231,15 +242,38 @@ def _label_pairs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         raise ConfigError(f"{args.out}: the labelled pairs are written as JSONL; give a name ending in .jsonl")
     if args.max_items is not None and args.max_items <= 0:
         raise ConfigError(f"--max-items must be positive, got {args.max_items}")
-    pairs = load_split_pairs(_data_config(args.data, args.test_fraction, args.max_items, args.skip_invalid))
+    data = _data_config(args.data, args.test_fraction, args.max_items, args.skip_invalid)
+    if args.policy is None:
+        pairs = load_split_pairs(data)
+    else:
+        pairs = _sample_policy_pairs(args, data)
     scorer = build_scorer(args.judge, batch_size=args.batch_size)
     try:
-        labelled = label_pairs(scorer, pairs, progress=True)
+        labelled = label_pairs(scorer, pairs, progress=True, sampled=args.policy is not None)
     finally:
         scorer.close()
     write_labels(args.out, labelled.rows)
     print(format_label_summary(summarize_labels(labelled.rows), args.out, labelled.dropped_extras))
     return 0
+
+
+def _sample_policy_pairs(args: argparse.Namespace, data: Any) -> list:
+    """`label-pairs --policy`: two samples per prompt of DATA (`rlhf.labels.sample_pairs`)."""
+    import dataclasses
+
+    from rlhf.config import ConfigError, ModelConfig, SamplingConfig
+    from rlhf.data import load_split
+    from rlhf.labels import sample_pairs
+
+    for key in ("max_new_tokens", "sample_batch_size", "max_prompt_tokens"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    prompts = load_split(kind="prompts", **dataclasses.asdict(data))
+    print(f"sampling 2 completions for each of {len(prompts):,} prompts from {args.policy}")
+    return sample_pairs(ModelConfig(name=args.policy, dtype=args.policy_dtype), prompts, sampling, batch_size=args.sample_batch_size,
+                        max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, progress=True)
 
 
 def _data_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -95,7 +95,8 @@ class DataConfig:
     path: str = doc("../shared/data/hh-rlhf/harmless-base/test.jsonl.gz", "data file (JSONL, JSON, .gz) or `datasets` directory")
     split: Literal["all", "train", "test"] = doc("train", "which side of the deterministic prompt-hash split to use")
     test_fraction: float = doc(0.1, "fraction of prompts that go to the test side of the split")
-    max_items: int | None = doc(None, "use at most this many rows (after the split), in file order")
+    offset: int = doc(0, "skip this many rows (after the split) before max_items: disjoint slices of one side, e.g. a train-side validation set")
+    max_items: int | None = doc(None, "use at most this many rows (after the split and offset), in file order")
     skip_invalid: bool = doc(False, "skip malformed rows (their count and reasons are reported) instead of failing")
 
     def __post_init__(self) -> None:
@@ -103,6 +104,8 @@ class DataConfig:
             raise ConfigError(f"data.test_fraction must be in [0, 1], got {self.test_fraction}")
         if self.max_items is not None and self.max_items <= 0:
             raise ConfigError(f"data.max_items must be positive, got {self.max_items}")
+        if self.offset < 0:
+            raise ConfigError(f"data.offset must be non-negative, got {self.offset}")
 
 
 @dataclass(frozen=True)

@@ -784,11 +784,12 @@ def load_split(
     kind: str = "pairs",
     split: str = "all",
     test_fraction: float = DEFAULT_TEST_FRACTION,
+    offset: int = 0,
     max_items: int | None = None,
     skip_invalid: bool = False,
 ) -> list[Any]:
     """Pairs (`kind="pairs"`) or prompts (`kind="prompts"`) from one side of the prompt-hash
-    split, at most `max_items` in file order. Skipped rows are reported on stderr; an empty
+    split: the first `offset` skipped, then at most `max_items`, in file order. Skipped rows are reported on stderr; an empty
     selection is an error. Takes exactly the fields of `rlhf.config.DataConfig`."""
     import sys
 
@@ -796,11 +797,11 @@ def load_split(
     loaded = loader(path, skip_invalid=skip_invalid)
     if loaded.skipped:
         print(f"{path}: skipped {len(loaded.skipped)} invalid rows (first: {loaded.skipped[0]})", file=sys.stderr)
-    items = select_split(loaded.items, split, test_fraction)
+    items = select_split(loaded.items, split, test_fraction)[offset:]
     if max_items is not None:
         items = items[:max_items]
     if not items:
-        raise DataError(str(path), f"the '{split}' side of the split (test_fraction {test_fraction}) is empty")
+        raise DataError(str(path), f"the '{split}' side of the split (test_fraction {test_fraction}) is empty" + (f" after offset {offset}" if offset else ""))
     return items
 
 

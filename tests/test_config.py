@@ -197,6 +197,7 @@ POST_INIT_CASES = [
     ("LoraConfig", "rlhf.likelihood_demo:LikelihoodDemoConfig", "model:\n  name: x\n  lora:\n    alpha: 0\n", 4, "model.lora", "alpha"),
     ("LoraConfig", "rlhf.likelihood_demo:LikelihoodDemoConfig", "model:\n  lora:\n    r: 4\n    last_layers: 0\n", 4, "model.lora", "last_layers"),
     ("DataConfig", "rlhf.likelihood_demo:LikelihoodDemoConfig", "data:\n  split: test\n  max_items: 0\n", 3, "data", "max_items"),
+    ("DataConfig", "rlhf.likelihood_demo:LikelihoodDemoConfig", "data:\n  offset: -1\n", 2, "data", "offset"),
     ("SamplingConfig", "rlhf.likelihood_demo:LikelihoodDemoConfig", "num_pairs: 3\nsampling:\n  top_p: 0\n", 3, "sampling", "top_p"),
     ("EngineConfig", "rlhf.config:EngineConfig", "merge_weights: false\ncritic_chunks: 0\n", 2, "", "critic_chunks"),
     ("PPOConfig", "rlhf.ppo:PPOConfig", f"reward: {FN}\nbatch_size: 8\nnum_minibatches: 3\n", 2, "", "batch_size"),

@@ -23,6 +23,7 @@ from rlhf.data import (
     iter_rows,
     load_pairs,
     load_prompts,
+    load_split,
     parse_pair,
     parse_prompt,
     prompt_key,
@@ -516,6 +517,16 @@ def test_split_edges_and_validation():
             split_by_prompt(items, test_fraction=bad)
     with pytest.raises(ValueError, match="split must be one of"):
         select_split(items, "validation")
+
+
+def test_offset_takes_a_disjoint_slice_of_one_side(tmp_path):
+    # e.g. a train-side validation set that no training run with max_items <= offset touches
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(40)])
+    train = load_split(path, split="train", test_fraction=0.25)
+    assert load_split(path, split="train", test_fraction=0.25, offset=10, max_items=5) == train[10:15]
+    assert load_split(path, split="train", test_fraction=0.25, offset=20) == train[20:]
+    with pytest.raises(DataError, match="empty after offset 100"):
+        load_split(path, split="train", test_fraction=0.25, offset=100)
 
 
 def test_prompt_key_is_canonical():

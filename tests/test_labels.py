@@ -324,3 +324,71 @@ def test_prefer_pairs_provider_extras_are_named_by_side():
     assert pref.extras == {"reward_chosen": [2.0], "reward_rejected": [1.0], "chosen_why": ["len 2"], "rejected_why": ["len 1"]}
     assert pref.prob_first.item() == pytest.approx(1 / (1 + math.exp(-1)))
     assert evaluate_pairs(WithExtras("reward_fns:length_reward"), [PreferencePair("q", "ab", "a")])["all"]["accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------- pairs of policy samples
+
+
+def test_sampled_rows_put_the_preferred_sample_first_and_have_no_human_label():
+    pair = PreferencePair("q", "first", "second", source="p.jsonl:3")
+    kept, swapped, invalid = (labelled_row(pair, p, v, {"prob_first_order": p}, sampled=True) for p, v in ((0.8, True), (0.3, True), (0.3, False)))
+    assert (kept["chosen"], kept["rejected"], kept["label"], kept["first"]) == ("first", "second", 0.8, "chosen")
+    # P(first ≻ second) = 0.3: the second sample is the preferred one, P(it ≻ first) = 0.7.
+    assert (swapped["chosen"], swapped["rejected"], swapped["label"], swapped["first"]) == ("second", "first", pytest.approx(0.7), "rejected")
+    assert swapped["extras"] == {"prob_first_order": 0.3}  # extras stay in sampling order
+    assert (invalid["chosen"], invalid["label"], invalid["first"]) == ("first", None, "chosen")  # no preference: sampling order
+    assert all(r["human_label"] is None for r in (kept, swapped, invalid))
+    # No human label: no agreement; the mean label is over the judged rows.
+    same = labelled_row(PreferencePair("q", "x", "x"), 0.5, True, sampled=True)
+    summary = summarize_labels([kept, swapped, invalid, same])
+    assert summary == {"rows": 4, "invalid": 1, "agreement": None, "mean_label": pytest.approx(2.0 / 3), "identical": 1}
+
+
+def test_a_sampled_empty_reply_under_a_plain_prompt_round_trips(tmp_path):
+    # A policy may sample EOS first; a plain-text prompt is then written as one user turn.
+    row = labelled_row(PreferencePair("q", "", "an answer"), 0.2, True, sampled=True)
+    back = load_pairs(write_labels(tmp_path / "l.jsonl", [row])).items[0]
+    assert (back.prompt, back.chosen, back.rejected, back.label) == ([{"role": "user", "content": "q"}], "an answer", "", pytest.approx(0.8))
+
+
+def test_sample_pairs_draws_two_seeded_samples_per_prompt(tiny_llama_dir):
+    from rlhf.config import ModelConfig, SamplingConfig
+    from rlhf.data import PromptRecord
+    from rlhf.labels import sample_pairs
+
+    prompts = [PromptRecord("Hi there", id="a", source="f:1"), PromptRecord([{"role": "user", "content": "Tell me a story"}], subset="s", source="f:2"),
+               PromptRecord("What is two plus two?", source="f:3")]
+    model = ModelConfig(name=str(tiny_llama_dir))
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    pairs = sample_pairs(model, prompts, sampling, batch_size=2, seed=3)
+    assert [(p.prompt, p.id, p.subset, p.source) for p in pairs] == [(r.prompt, r.id, r.subset, r.source) for r in prompts]
+    assert any(p.chosen != p.rejected for p in pairs)  # two draws, not one sample twice
+    assert all(p.label is None for p in pairs)
+    # The seed fixes the samples; another seed draws others.
+    assert [(p.chosen, p.rejected) for p in sample_pairs(model, prompts, sampling, batch_size=2, seed=3)] == [(p.chosen, p.rejected) for p in pairs]
+    assert [(p.chosen, p.rejected) for p in sample_pairs(model, prompts, sampling, batch_size=2, seed=4)] != [(p.chosen, p.rejected) for p in pairs]
+
+
+def test_label_pairs_cli_labels_policy_samples(tmp_path, capsys, tiny_llama_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(5)))
+    spec = tmp_path / "len.yaml"
+    spec.write_text("type: function\npath: reward_fns:length_reward\n")
+    out = tmp_path / "sampled.jsonl"
+    args = ["label-pairs", str(spec), str(prompts), str(out), "--policy", str(tiny_llama_dir), "--max-items", "4",
+            "--max-new-tokens", "12", "--sample-batch-size", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "sampling 2 completions for each of 4 prompts" in printed and "wrote 4 labelled pairs" in printed
+    assert "no human labels" in printed and "agreement" not in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [f"Question {i}?" for i in range(4)]
+    # The length reward prefers the longer sample: it is written as chosen, with P = σ(Δ length) ≥ ½.
+    for r in rows:
+        assert r["human_label"] is None and r["valid"] and r["first"] in ("chosen", "rejected")
+        assert len(r["chosen"]) >= len(r["rejected"])
+        assert r["label"] == pytest.approx(1 / (1 + math.exp(-(len(r["chosen"]) - len(r["rejected"])))), rel=1e-6)
+    back = load_pairs(out).items  # train-rm reads it as soft labels
+    assert [p.label for p in back] == [pytest.approx(r["label"]) for r in rows]
+    assert main(args[:-2] + ["--sample-batch-size", "0"]) == 2
+    assert "--sample-batch-size must be positive" in capsys.readouterr().err
