@@ -103,14 +103,17 @@ class Generation:
     texts: list[str]  # decoded completions, special tokens removed
 
 
-def generate(engine: Engine, model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingConfig) -> Generation:
-    """Sample one completion per prompt. top_k=0 and top_p=1 leave the distribution untouched,
-    so PPO's log-probs (computed with the same temperature) are those of the sampling policy."""
+def generate(engine: Engine, model: Any, tok: Any, prompt_texts: Sequence[str], cfg: SamplingConfig, *, max_prompt_tokens: int | None = None) -> Generation:
+    """Sample one completion per prompt (each cut to its last `max_prompt_tokens` tokens when
+    given). top_k=0 and top_p=1 leave the distribution untouched, so PPO's log-probs (computed
+    with the same temperature) are those of the sampling policy."""
     device = next(model.parameters()).device
     batch = tok(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
     if tok.padding_side != "left":
         raise ValueError("generation needs a left-padding tokenizer (policies.tokenizers.load_tokenizer)")
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if max_prompt_tokens is not None:
+        ids, attn = ids[:, -max_prompt_tokens:], attn[:, -max_prompt_tokens:]
     out = engine.sample(model, ids, attn, cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     completion = out[:, ids.shape[1] :]
     completion, mask, finished = truncate_after_eos(completion, tok.eos_token_id, tok.pad_token_id)

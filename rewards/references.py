@@ -21,9 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
-from policies.text import render_prompt
+from policies.text import generate, render_prompt
 from rlhf.config import DataConfig, SamplingConfig
-from rlhf.core import truncate_after_eos
 from rlhf.data import DataError, Prompt, iter_rows, load_pairs, parse_prompt, prompt_key, select_split
 
 
@@ -132,19 +131,11 @@ class PolicyReferences:
     @torch.no_grad()
     def _sample(self, prompts: list[Prompt], seed: int) -> list[str]:
         host, tok = self.host, self.host.tokenizer
-        batch = tok([render_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        if tok.padding_side != "left":
-            raise ValueError("sampling references needs a left-padding tokenizer (policies.tokenizers.load_tokenizer)")
-        if self.max_prompt_tokens is not None:
-            ids, attn = ids[:, -self.max_prompt_tokens :], attn[:, -self.max_prompt_tokens :]
         device = host.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             with host.as_reference() as model, host.autocast():
-                out = host.engine.sample(model, ids.to(device), attn.to(device), self.sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        completion, _, _ = truncate_after_eos(out[:, ids.shape[1] :].cpu(), tok.eos_token_id, tok.pad_token_id)
-        return tok.batch_decode(completion, skip_special_tokens=True)
+                return generate(host.engine, model, tok, [render_prompt(tok, p) for p in prompts], self.sampling, max_prompt_tokens=self.max_prompt_tokens).texts
 
     # --- the cache file ------------------------------------------------------------------------
     def _reload(self) -> None:

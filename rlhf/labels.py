@@ -208,16 +208,13 @@ def sample_pairs(policy: ModelConfig, prompts: Sequence[PromptRecord], sampling:
     `seed` fixes the samples (for a given batch size and engine)."""
     from policies.engine_choice import build_engine
     from policies.models import autocast, autocast_dtype, load_model
-    from policies.text import render_prompt
-    from rlhf.core import truncate_after_eos
+    from policies.text import generate, render_prompt
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     loaded = load_model(policy)
     model, tok = loaded.model, loaded.tokenizer
     model.requires_grad_(False)
-    if tok.padding_side != "left":
-        raise ValueError("sampling needs a left-padding tokenizer (policies.tokenizers.load_tokenizer)")
     engine = build_engine(policy.engine, model, loaded.device)
     engine.prepare_frozen(model)
     amp = autocast_dtype(autocast_mode, loaded.device)
@@ -232,14 +229,8 @@ def sample_pairs(policy: ModelConfig, prompts: Sequence[PromptRecord], sampling:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             texts = [render_prompt(tok, r.prompt) for r in chunk for _ in range(2)]  # rows 2i, 2i+1: prompt i
-            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            ids, attn = batch["input_ids"], batch["attention_mask"]
-            if max_prompt_tokens is not None:
-                ids, attn = ids[:, -max_prompt_tokens:], attn[:, -max_prompt_tokens:]
             with torch.no_grad(), autocast(loaded.device, amp):
-                out = engine.sample(model, ids.to(loaded.device), attn.to(loaded.device), sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            completion, _, _ = truncate_after_eos(out[:, ids.shape[1] :].cpu(), tok.eos_token_id, tok.pad_token_id)
-            decoded = tok.batch_decode(completion, skip_special_tokens=True)
+                decoded = generate(engine, model, tok, texts, sampling, max_prompt_tokens=max_prompt_tokens).texts
             for i, r in enumerate(chunk):
                 pairs.append(PreferencePair(r.prompt, decoded[2 * i], decoded[2 * i + 1], id=r.id, subset=r.subset, source=r.source))
             if bar is not None:

@@ -114,12 +114,15 @@ def test_field_references_errors_name_the_file(tmp_path):
 # ----------------------------------------------------------------------- PolicyReferences
 
 
+REFERENCE_MODEL = torch.nn.Linear(1, 1)  # what FakeHost.as_reference() yields: π_ref
+
+
 class FakeEngine:
     def __init__(self):
         self.calls, self.widths = [], []
 
     def sample(self, model, ids, attn, sampling, *, eos_token_id, pad_token_id):
-        assert model == "π_ref"  # sampled inside as_reference()
+        assert model is REFERENCE_MODEL  # sampled inside as_reference()
         self.calls.append(ids.shape[0])
         self.widths.append(ids.shape[1])
         new = torch.randint(100, 200, (ids.shape[0], sampling.max_new_tokens))  # from the RNG it is given
@@ -134,7 +137,7 @@ class FakeHost:
     @contextlib.contextmanager
     def as_reference(self):
         self.in_reference += 1
-        yield "π_ref"
+        yield REFERENCE_MODEL
 
     def autocast(self):
         return contextlib.nullcontext()
