@@ -267,6 +267,30 @@ def test_hf_and_packed_engines_agree(tiny_llama_dir):
     assert a.extras["verdict_mass"] == pytest.approx(b.extras["verdict_mass"], rel=1e-3)
 
 
+def test_the_verdict_head_runs_in_float32_under_bf16_autocast(tiny_llama_dir):
+    # bf16 logits would put a verdict's log-odds on a coarse grid (both orders of a biased judge
+    # then read the same value and the average is exactly ½); the head must run in float32 on
+    # the (bf16-autocast) hidden states.
+    from policies.models import unwrap_causal_lm
+
+    judge = tiny_judge(tiny_llama_dir, autocast="bfloat16")
+    lm = judge.lm
+    assert lm.amp == torch.bfloat16
+    texts = [lm.render([{"role": "user", "content": "x " * n}]) for n in (1, 7, 30)]
+    ids, attn = lm.encode(texts, append=[judge.open_ids] * 3)
+    read = torch.zeros(ids.shape, dtype=torch.bool)
+    read[:, -2:] = True
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = lm.engine.hidden_states(lm.model, ids, attn, read=read, frozen=True)[:, -2:]
+        head = unwrap_causal_lm(lm.model).get_output_embeddings()
+        bf16_logits = head(hidden)
+    assert bf16_logits.dtype == torch.bfloat16  # what the head gives under autocast
+    fp32 = torch.log_softmax(torch.nn.functional.linear(hidden.float(), head.weight.float()), -1)
+    got = lm.last_logprobs(ids, attn, k=2)
+    torch.testing.assert_close(got, fp32, atol=1e-5, rtol=1e-5)
+    assert (got - torch.log_softmax(bf16_logits.float(), -1)).abs().max() > 1e-3  # the test tells the two apart
+
+
 def max_gap(xs, ys):
     return max(abs(x - y) for x, y in zip(xs, ys))
 
