@@ -70,7 +70,7 @@ from rewards.judge_format import VERDICT_CLOSE, VERDICT_OPEN, VERDICT_TOKENS, Ju
 from rewards.judge_lm import JudgeLM, batched
 from rlhf.config import ConfigError, DataConfig, LoraConfig, ModelConfig, SamplingConfig, doc, to_dict
 from rlhf.core import pairwise_accuracy
-from rlhf.data import PreferencePair, Prompt, load_split
+from rlhf.data import PreferencePair, Prompt, load_split, prompt_key
 from rlhf.io import atomic_write_json, atomic_write_jsonl
 from rlhf.runs import prepare_run_dir, seed_everything
 from rlhf.tracking import Tracker, TrackerName
@@ -595,6 +595,10 @@ def run(cfg: TrainJudgeConfig) -> dict:
     eval_pairs = load_split_pairs(cfg.eval_data) if cfg.eval_data is not None else []
     print(f"judge: {cfg.model.name}, method {cfg.method} ({cfg.mode} mode), {cfg.iterations} iteration(s); "
           f"{len(pairs):,} training pairs, {len(eval_pairs):,} held-out pairs")
+    shared = {prompt_key(p.prompt) for p in pairs} & {prompt_key(p.prompt) for p in eval_pairs}
+    if shared:
+        print(f"warning: eval_data shares {len(shared):,} prompt(s) with the training data, so its accuracy is not held-out "
+              f"(use the other side of the split, or offset to take disjoint slices of one side)")
     tracker = Tracker(run_dir, cfg.tracker, to_dict(cfg), name=Path(cfg.output_dir).name)
     done = 0  # iterations 0 .. done-1 are complete
     while done <= cfg.iterations and _complete(run_dir, done):

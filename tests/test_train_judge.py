@@ -356,7 +356,7 @@ def test_star_dpo_pairs_right_against_wrong_and_takes_a_step(tiny_llama_dir, tmp
 # ---- resuming --------------------------------------------------------------------------------
 
 
-def test_resume_skips_complete_iterations_and_redoes_a_stopped_one(tiny_llama_dir, tmp_path, device, monkeypatch):
+def test_resume_skips_complete_iterations_and_redoes_a_stopped_one(tiny_llama_dir, tmp_path, device, monkeypatch, capsys):
     sample, calls = stub_sampler(["A: kind. [[A]]", "B: terse. [[B]]"])
     monkeypatch.setattr(train_judge, "sample_rationales", sample)
     monkeypatch.setattr(train_judge, "read_verdicts", stub_readout)
@@ -374,6 +374,7 @@ def test_resume_skips_complete_iterations_and_redoes_a_stopped_one(tiny_llama_di
                   eval_data=DataConfig(path=str(tmp_path / "pairs.jsonl"), split="all", max_items=1))
     with pytest.raises(KeyboardInterrupt):
         train_judge.run(cfg)
+    assert "eval_data shares 1 prompt(s) with the training data" in capsys.readouterr().out  # here it is a training pair
     run_dir = Path(cfg.output_dir)
     assert (run_dir / "iter_1" / "result.json").is_file() and not (run_dir / "iter_2" / "judge" / "judge.json").exists()
     sampled_before = len(calls)
