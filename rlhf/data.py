@@ -789,8 +789,9 @@ def load_split(
     skip_invalid: bool = False,
 ) -> list[Any]:
     """Pairs (`kind="pairs"`) or prompts (`kind="prompts"`) from one side of the prompt-hash
-    split: the first `offset` skipped, then at most `max_items`, in file order. Skipped rows are reported on stderr; an empty
-    selection is an error. Takes exactly the fields of `rlhf.config.DataConfig`."""
+    split: the first `offset` skipped, then at most `max_items`, in file order. Skipped rows are
+    reported on stderr; an empty selection is an error. Takes exactly the fields of
+    `rlhf.config.DataConfig`."""
     import sys
 
     loader = {"pairs": load_pairs, "prompts": load_prompts}[kind]
