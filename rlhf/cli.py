@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -63,6 +64,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlhf.config import Dtype
+
     parser = argparse.ArgumentParser(
         prog="rlhf",
         description="pluggable-rlhf: PPO/RLHF training with pluggable reward providers.",
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1: the policy's own distribution)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus filter (1: off)")
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="the policy sees each prompt's last this many tokens (default: all)")
-    g.add_argument("--policy-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="the policy's weight dtype")
+    g.add_argument("--policy-dtype", default="float32", choices=typing.get_args(Dtype), help="the policy's weight dtype")
     g.add_argument("--sample-batch-size", type=int, default=16, help="prompts per sampling batch (two samples each)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(handler=_label_pairs)

@@ -237,5 +237,4 @@ def sample_pairs(policy: ModelConfig, prompts: Sequence[PromptRecord], sampling:
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    del engine, model, loaded
     return pairs
